@@ -1,0 +1,162 @@
+"""Decode with any method, or with all of them side by side, and report what happened.
+
+    python decode.py                                   # every method on the held-out prompts: one table
+    python decode.py --method draft_model --prompt "def parse(" --show
+    python decode.py --method all --json results.json
+
+With --method all every method decodes the same prompts in this one process, after a warm-up,
+interleaved prompt by prompt so that a slow moment of the machine hits all methods alike. The
+speedup is tokens/s over autoregressive decoding (`ar`) measured in the same run, and
+identical_to_ar says whether the greedy tokens equal plain greedy decoding's, prompt by prompt.
+"""
+
+import json
+import os
+import sys
+
+import torch
+
+import minispec
+from minispec import checkpoint
+from minispec.cli import Parser, pick_device, run
+from minispec.errors import MinispecError
+from minispec.speculative import Stats
+
+COLOURS = {"accepted": "\033[32m", "correction": "\033[33m", "bonus": "\033[36m", "end": "\033[0m"}
+
+
+def add_stats(total, s):
+    """Accumulate one run's statistics into a running total."""
+    for name in ("new_tokens", "target_forwards", "proposed", "accepted", "draft_s", "verify_s", "total_s"):
+        setattr(total, name, getattr(total, name) + getattr(s, name))
+    for depth, (tried, accepted) in enumerate(zip(s.tried_at, s.accepted_at)):
+        if depth == len(total.tried_at):
+            total.tried_at.append(0)
+            total.accepted_at.append(0)
+        total.tried_at[depth] += tried
+        total.accepted_at[depth] += accepted
+    for length, n in s.accepted_lengths.items():
+        total.accepted_lengths[length] = total.accepted_lengths.get(length, 0) + n
+
+
+def show(tok, prompt_ids, res, colour):
+    """The prompt, then each step's tokens: accepted drafts, then the correction or bonus token."""
+    def paint(ids, kind):
+        text = tok.decode(ids)
+        return f"{COLOURS[kind]}{text}{COLOURS['end']}" if colour else text
+    parts = [tok.decode(prompt_ids)]
+    for emitted, accepted, depth in res.steps:
+        parts.append(paint(emitted[:accepted], "accepted"))
+        parts.append(paint(emitted[accepted:], "bonus" if accepted == depth and depth else "correction"))
+    if colour:
+        parts.append(f"\n[{COLOURS['accepted']}accepted draft{COLOURS['end']}, "
+                     f"{COLOURS['correction']}target's token{COLOURS['end']}, "
+                     f"{COLOURS['bonus']}bonus after a fully accepted draft{COLOURS['end']}]")
+    return "".join(parts)
+
+
+def check_args(args, model, prompts):
+    context = model.config.block_size
+    if args.temperature < 0:
+        raise MinispecError(f"--temperature must be 0 (greedy) or more, got {args.temperature}")
+    if args.max_new_tokens < 1:
+        raise MinispecError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.k < 1 or args.k + 1 > context:
+        raise MinispecError(f"--k must be between 1 and {context - 1} (the context is {context}), got {args.k}")
+    if args.top_k is not None and args.top_k < 1:
+        raise MinispecError(f"--top-k must be at least 1, got {args.top_k}")
+    for ids in prompts:
+        if not ids:
+            raise MinispecError("the prompt is empty")
+        if len(ids) + args.max_new_tokens > context:
+            raise MinispecError(f"a prompt of {len(ids)} tokens plus {args.max_new_tokens} new tokens "
+                                f"does not fit in the context of {context} tokens")
+
+
+def decode_one(args, model, tok, prompt_ids):
+    drafter = minispec.make_drafter(args.method, model, ckpt=args.ckpt, k=args.k)
+    res = minispec.generate(model, prompt_ids, args.max_new_tokens, drafter, args.temperature,
+                            args.top_k, args.seed, eot=tok.eot_token)
+    colour = args.show and sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    print(show(tok, prompt_ids, res, colour) if args.show else tok.decode(prompt_ids + res.tokens))
+    s = res.stats
+    print(f"--- {args.method}: {s.new_tokens} new tokens in {s.total_s:.2f}s, {s.tokens_per_s:.1f} tokens/s | "
+          f"tau {s.tau:.2f} | alpha {s.alpha:.2f} | target forwards {s.target_forwards} | "
+          f"accept at 1..: {' '.join(f'{a:.2f}' for a in s.accept_at)}")
+    return row(args.method, args.k, s)
+
+
+def row(method, k, s):
+    """One method's line of the report, as in DESIGN.md's JSON."""
+    return {"method": method, "k": 0 if method == "ar" else k, "tau": round(s.tau, 3), "alpha": round(s.alpha, 3),
+            "accept_at": [round(a, 3) for a in s.accept_at], "tokens_per_s": round(s.tokens_per_s, 1),
+            "new_tokens": s.new_tokens, "target_forwards": s.target_forwards,
+            "draft_s": round(s.draft_s, 3), "verify_s": round(s.verify_s, 3)}
+
+
+def decode_all(args, model, tok, prompts):
+    methods = list(minispec.METHODS)
+    drafters = {m: minispec.make_drafter(m, model, ckpt=args.ckpt, k=args.k) for m in methods}
+
+    def gen(method, ids, n):
+        return minispec.generate(model, ids, n, drafters[method], args.temperature, args.top_k,
+                                 args.seed, eot=tok.eot_token)
+
+    for m in methods:  # warm-up: first calls pay for allocations and lazy initialisation
+        gen(m, prompts[0], min(16, args.max_new_tokens))
+    totals = {m: Stats() for m in methods}
+    identical = {m: True for m in methods}
+    for i, ids in enumerate(prompts):
+        print(f"\rprompt {i + 1}/{len(prompts)}", end="", file=sys.stderr, flush=True)
+        reference = None
+        for m in methods:
+            res = gen(m, ids, args.max_new_tokens)
+            add_stats(totals[m], res.stats)
+            reference = res.tokens if m == "ar" else reference
+            identical[m] &= res.tokens == reference
+    print(file=sys.stderr)
+    ar_speed = totals["ar"].tokens_per_s
+    rows = [{**row(m, args.k, totals[m]), "speedup": round(totals[m].tokens_per_s / ar_speed, 3),
+             "identical_to_ar": identical[m] if args.temperature == 0 else None} for m in methods]
+    print(f"{'method':<12} {'k':>2} {'tau':>5} {'alpha':>5} {'tok/s':>7} {'speedup':>7} {'identical':>9}  accept at 1..k")
+    for r in rows:
+        same = "-" if r["identical_to_ar"] is None else ("yes" if r["identical_to_ar"] else "NO")
+        print(f"{r['method']:<12} {r['k']:>2} {r['tau']:>5.2f} {r['alpha']:>5.2f} {r['tokens_per_s']:>7.1f} "
+              f"{r['speedup']:>6.2f}x {same:>9}  {' '.join(f'{a:.2f}' for a in r['accept_at'])}")
+    return rows
+
+
+def main():
+    ap = Parser(description=__doc__.split("\n")[0])
+    ap.add_argument("--ckpt", default="out/tiny", help="checkpoint folder made by train_tiny.py")
+    ap.add_argument("--method", default="all", choices=list(minispec.METHODS) + ["all"])
+    ap.add_argument("--prompt", default=None, help="text to continue (default: the held-out prompts)")
+    ap.add_argument("--k", type=int, default=4, help="draft length")
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    ap.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens only")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--show", action="store_true", help="colour accepted drafts, corrections and bonus tokens")
+    ap.add_argument("--json", default=None, help="also write the results to this file")
+    args = ap.parse_args()
+    device = pick_device(args.device)
+    model, tok = minispec.load(args.ckpt, device)
+    texts = [args.prompt] if args.prompt is not None else checkpoint.target_meta(args.ckpt)["prompts"]
+    prompts = [tok.encode(t, allowed_special="all") for t in texts]
+    check_args(args, model, prompts)
+    if args.method == "all":
+        rows = decode_all(args, model, tok, prompts)
+    else:
+        rows = [decode_one(args, model, tok, prompts[0])]
+    if args.json:
+        report = {"device": device, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+                  "graphs": False, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
+                  "temperature": args.temperature, "methods": rows}
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    run(main)

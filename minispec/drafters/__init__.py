@@ -1,0 +1,29 @@
+"""The registry of decoding methods: a name -> a function making its drafter.
+
+Every method in METHODS goes through the same tests (tests/test_methods.py) and the same
+benchmark (decode.py --method all), so a new drafter cannot skip either. "ar" is plain
+autoregressive decoding: no drafter at all.
+"""
+
+from ..errors import MinispecError
+from . import draft_model
+
+METHODS = {
+    "ar": None,
+    "draft_model": draft_model.make,
+}
+
+
+def make_drafter(name, model, ckpt=None, k=4, untrained=False, **options):
+    """The drafter for method `name` over the target `model` (None for "ar").
+
+    ckpt: the checkpoint folder holding trained drafters. Training-free methods do without it.
+    untrained=True builds a trained method's drafter with random weights instead: still lossless,
+    just rarely right (the tests use it as a deliberately poor drafter).
+    """
+    if name not in METHODS:
+        raise MinispecError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}")
+    if k < 1:
+        raise MinispecError(f"k must be at least 1, got {k}")
+    factory = METHODS[name]
+    return None if factory is None else factory(model, ckpt=ckpt, k=k, untrained=untrained, **options)

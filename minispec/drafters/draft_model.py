@@ -1,0 +1,129 @@
+"""The classic draft model: a separate small GPT proposes k tokens, the target verifies them.
+
+Leviathan, Kalman & Matias, "Fast Inference from Transformers via Speculative Decoding" (2023);
+Chen et al., "Accelerating Large Language Model Decoding with Speculative Sampling" (2023).
+This is the reference baseline every other drafter is measured against (ALGORITHMS.md §6).
+
+Proposing: the draft model keeps its own static KV cache of the accepted sequence. Each step it
+first feeds the accepted tokens it has not seen yet (x_t, and the tokens accepted last step),
+then runs k-1 more one-token steps, each feeding the draft it just made. For sampling, each draft
+is drawn from the draft model's distribution q_i, which the loop needs for the acceptance test.
+
+The cache hole: after a step in which all k drafts were accepted, the draft model never fed d_k
+(it only needed d_1..d_{k-1} to produce d_k). `fed` counts how many tokens of the sequence its
+cache holds correctly, so the next step feeds d_k along with the bonus token (gpt-fast does
+the same).
+
+Training (train_draft_model): on the corpus (plain language modelling), on the target's own
+greedy continuations (sequence-level distillation), or on the target's full next-token
+distributions over the corpus (token-level distillation). `train_tiny.py --draft-teacher compare`
+trains all three and keeps the one whose greedy choice agrees most often with the target's.
+"""
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .. import checkpoint, masks
+from ..errors import MinispecError
+from ..kvcache import KVCache
+from ..model import GPT, GPTConfig
+from ..speculative import Draft, Drafter, prefill
+from ..data import get_batch
+from ..train import eval_lm, fit, greedy_continuations, train_lm
+
+
+class DraftModel(Drafter):
+    def __init__(self, draft, k=4):
+        self.draft = draft
+        self.k = k
+        self.cache = KVCache.for_model(draft)
+        self.fed = 0  # the draft cache holds seq[:fed]
+        self.drafted = 0  # drafts proposed in the step being verified
+
+    def start(self, prompt):
+        self.fed = self.drafted = 0
+
+    def _feed(self, ids, start):
+        """Feed token ids at positions start..; return the draft's logits after the last one (V,)."""
+        device = self.cache.kv.device
+        n = len(ids)
+        pos = torch.arange(start, start + n, device=device)
+        mask = masks.cached_block(start, masks.causal(n), start + n, device)
+        logits, _ = self.draft(torch.tensor([ids], device=device), pos, mask, self.cache, pos)
+        return logits[0, -1]
+
+    def propose(self, seq, room, sampling):
+        k = min(self.k, room)
+        if k <= 0:
+            return Draft.chain([])
+        logits = self._feed(seq[self.fed:], self.fed)  # catch up, x_t included
+        drafts, qs = [], []
+        for i in range(k):
+            q = sampling.probs(logits)  # (V,)
+            d = int(q.argmax()) if sampling.temperature == 0 else int(torch.multinomial(q, 1, generator=sampling.generator))
+            drafts.append(d)
+            qs.append(q)
+            if i + 1 < k:
+                logits = self._feed([d], len(seq) + i)
+        self.fed = len(seq)  # x_t is in; the drafts fed are checked in observe
+        self.drafted = k
+        return Draft.chain(drafts, torch.stack(qs))
+
+    def observe(self, step):
+        # entries for d_1..d_{k-1} were fed; those on the accepted path are valid
+        accepted = len(step.path) - 1
+        self.fed += max(min(accepted, self.drafted - 1), 0)
+        self.drafted = 0
+
+
+def make(model, ckpt=None, k=4, untrained=False):
+    device = next(model.parameters()).device
+    if untrained:
+        torch.manual_seed(0)
+        return DraftModel(GPT(draft_config(model.config)).to(device).eval(), k)
+    if ckpt is None:
+        raise MinispecError("draft_model needs a trained checkpoint folder: make one with `python train_tiny.py`")
+    state = checkpoint.load(Path(ckpt) / "draft_model.pt", "draft_model", device)
+    return DraftModel(checkpoint.load_gpt(state, device), k)
+
+
+def draft_config(target_config, n_layer=1):
+    """A draft model as wide as the target but much shallower, sharing its tokenizer and context."""
+    c = target_config
+    return GPTConfig(c.block_size, c.vocab_size, n_layer, c.n_head, c.n_embd)
+
+
+TEACHERS = ("corpus", "greedy", "soft")
+
+
+def train_draft_model(target, train_ids, val_ids, steps, batch_size, lr, teacher="corpus", log=print, seed=0):
+    """Train a draft model to imitate the target. teacher says what it learns from:
+    "corpus": the next token of the training text (plain language modelling);
+    "greedy": the target's own greedy continuations of corpus prefixes (sequence-level distillation);
+    "soft": the target's whole next-token distribution on the corpus (token-level distillation)."""
+    device = next(target.parameters()).device
+    draft = GPT(draft_config(target.config)).to(device)
+    draft.transformer.wte.weight.data.copy_(target.transformer.wte.weight)  # start from the target's embeddings
+    draft.transformer.wpe.weight.data.copy_(target.transformer.wpe.weight)
+    if teacher == "greedy":
+        train_ids = greedy_continuations(target, train_ids, log=log)
+    if teacher in ("corpus", "greedy"):
+        train_lm(draft, train_ids, val_ids, steps, batch_size, lr, seed, log, label=f"draft_model ({teacher})")
+        return draft
+    T = target.config.block_size
+    pos, mask = torch.arange(T, device=device), masks.causal(T, device)
+    generator = torch.Generator().manual_seed(seed)
+
+    def batch_loss(step):
+        x, _ = get_batch(train_ids, batch_size, T, generator)
+        x = x.to(device)
+        with torch.no_grad():
+            p = torch.softmax(target(x, pos, mask)[0], -1)  # (B, T, V) the target's distributions
+        return F.cross_entropy(draft(x, pos, mask)[0].flatten(0, 1), p.flatten(0, 1))  # = KL(p || q) + H(p)
+
+    draft.train()
+    fit(draft.parameters(), batch_loss, steps, lr, batch_size * T,
+        val_loss=lambda: eval_lm(draft, val_ids, batch_size, T), label="draft_model (soft)", log=log)
+    return draft.eval()

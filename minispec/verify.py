@@ -1,0 +1,120 @@
+"""Acceptance rules: which drafted tokens to keep, and the one token the target adds after them.
+
+Pure functions over tensors, each tested on its own (tests/test_verify.py). Notation of
+ALGORITHMS.md §1: drafts d_1..d_k, the drafter's distributions q_1..q_k (None for a drafter
+that picks tokens deterministically), the target's distributions p_1..p_{k+1} from ONE forward
+over [x_t, d_1..d_k]. Every rule returns (a, token): the number of accepted drafts and the
+correction (at the first rejection) or bonus (after full acceptance) token from p_{a+1}.
+
+- accept_greedy: lossless for greedy decoding.
+- accept_sampled: speculative sampling (Leviathan et al. 2023; Chen et al. 2023), lossless for
+  any temperature: the emitted tokens are distributed exactly as sampling from the target.
+- accept_candidates: several candidate continuations of the same prefix (a draft tree, or
+  Lookahead's n-grams), tried in turn (SpecInfer's multi-candidate rule); lossless.
+- accept_top_beta: SpecDec's relaxed verification. LOSSY: it changes the output.
+"""
+
+import torch
+
+
+def target_probs(logits, temperature, top_k=None):
+    """Logits (..., V) -> the distribution decoding samples from: softmax(logits / T) over the
+    top_k tokens. temperature 0 means greedy: a one-hot distribution on the argmax."""
+    if temperature == 0:
+        return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.softmax(logits, dim=-1)
+
+
+def sample(probs, generator):
+    """One token id drawn from probs (V,)."""
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def accept_greedy(draft, logits):
+    """draft (k,), target logits (k+1, V). Keep drafts while each equals the target's argmax."""
+    best = logits.argmax(-1)  # (k+1,)
+    a = int(torch.cumprod((draft == best[:-1]).int(), 0).sum()) if len(draft) else 0
+    return a, int(best[a])
+
+
+def accept_sampled(draft, q, p, generator):
+    """Speculative sampling. draft (k,), q (k, V) the drafter's distributions (None: one-hot on
+    each draft), p (k+1, V) the target's. Accept d_i with probability min(1, p_i(d_i) / q_i(d_i));
+    at the first rejection emit a sample of norm(max(0, p_i - q_i)); after k acceptances a sample
+    of p_{k+1}."""
+    k = len(draft)
+    u = torch.rand(k, generator=generator, device=p.device)
+    for i in range(k):
+        d = int(draft[i])
+        q_d = 1.0 if q is None else q[i, d]
+        if u[i] * q_d < p[i, d]:  # u < p/q without dividing by a zero q
+            continue
+        if q is None:  # one-hot q: max(0, p - q) is p with d zeroed
+            residual = p[i].clone()
+            residual[d] = 0.0
+        else:
+            residual = (p[i] - q[i]).clamp_(min=0.0)
+        return i, sample(residual / residual.sum(), generator)
+    return k, sample(p[k], generator)
+
+
+def accept_candidates(tokens, paths, p, generator):
+    """Several deterministic candidates sharing the block's root, tried in turn (SpecInfer).
+
+    tokens (T,) the block's tokens; paths: lists of block indices, each starting at the root 0;
+    p (T, V) the target's distribution after each block token. At the current node, each distinct
+    child token d is accepted with probability r(d), r starting as p(node); a rejected d is
+    zeroed out of r and r renormalised before the next one. Returns (path, token): the accepted
+    block indices (root first) and the token sampled after them.
+    """
+    node, depth, alive = 0, 0, list(paths)
+    while True:
+        residual = p[node].clone()
+        tried = set()
+        for path in alive:
+            if len(path) <= depth + 1 or int(tokens[path[depth + 1]]) in tried:
+                continue
+            child = path[depth + 1]
+            d = int(tokens[child])
+            if torch.rand(1, generator=generator, device=p.device) < residual[d]:
+                break
+            tried.add(d)
+            residual[d] = 0.0
+            residual /= residual.sum()
+        else:  # every child rejected (or none): emit from the residual
+            return alive[0][:depth + 1], sample(residual, generator)
+        alive = [path for path in alive if len(path) > depth + 1 and path[depth + 1] == child]
+        node, depth = child, depth + 1
+
+
+def accept_greedy_paths(tokens, paths, logits):
+    """Greedy over several candidate paths: the longest accepted prefix wins (the first on ties).
+    Returns (path, token) like accept_candidates."""
+    best = logits.argmax(-1)  # (T,)
+    chosen = [0]
+    for path in paths:
+        a = 0
+        while a + 1 < len(path) and tokens[path[a + 1]] == best[path[a]]:
+            a += 1
+        if a + 1 > len(chosen):
+            chosen = path[:a + 1]
+    return chosen, int(best[chosen[-1]])
+
+
+def accept_top_beta(draft, logits, beta, tau):
+    """SpecDec's Spec-Verification (Xia et al. 2023). LOSSY unless beta == 1: accept d_i while it
+    is among the target's top-beta tokens and log p(top-1) - log p(d_i) <= tau; then emit the
+    argmax. It trades exactness for longer accepted blocks."""
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (k+1, V)
+    top = logp.topk(beta, dim=-1)
+    a = 0
+    while a < len(draft):
+        d = int(draft[a])
+        if d not in top.indices[a].tolist() or float(top.values[a, 0] - logp[a, d]) > tau:
+            break
+        a += 1
+    return a, int(top.indices[a, 0])

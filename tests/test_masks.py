@@ -1,0 +1,49 @@
+"""Every mask equals a matrix drawn by hand."""
+
+import torch
+
+from minispec import masks
+
+
+def drawn(picture):
+    """A hand-drawn mask: rows of '1' (may attend) and '.' (may not)."""
+    return torch.tensor([[c == "1" for c in row.split()] for row in picture.strip().splitlines()])
+
+
+def test_causal():
+    assert torch.equal(masks.causal(4), drawn("""
+        1 . . .
+        1 1 . .
+        1 1 1 .
+        1 1 1 1
+    """))
+
+
+def test_cached_chain_block():
+    # prefix in slots 0..2, a block of 3 (x_t, d1, d2) in slots 3..5, stale slots 6..7 hidden
+    assert torch.equal(masks.cached_block(3, masks.causal(3), 8), drawn("""
+        1 1 1 1 . . . .
+        1 1 1 1 1 . . .
+        1 1 1 1 1 1 . .
+    """))
+
+
+def test_cached_tree_block():
+    # root 0 with two children 1 and 2; node 3 continues node 2
+    tree = drawn("""
+        1 . . .
+        1 1 . .
+        1 . 1 .
+        1 . 1 1
+    """)
+    assert torch.equal(masks.cached_block(2, tree, 6), drawn("""
+        1 1 1 . . .
+        1 1 1 1 . .
+        1 1 1 . 1 .
+        1 1 1 . 1 1
+    """))
+
+
+def test_render():
+    text = masks.render(masks.causal(3), row_labels=["a", "b", "c"], col_labels=["a", "b", "c"])
+    assert text == "  a b c\na 1 . .\nb 1 1 .\nc 1 1 1"

@@ -1,0 +1,95 @@
+"""The acceptance rules, one by one, on hand-made distributions."""
+
+import torch
+
+from minispec.verify import (accept_candidates, accept_greedy, accept_greedy_paths, accept_sampled,
+                             accept_top_beta, target_probs)
+from tests.stats import chi_square_p_value
+
+
+def one_hot_logits(tokens, V=5):
+    return torch.nn.functional.one_hot(torch.tensor(tokens), V).float() * 10
+
+
+def test_greedy_all_none_some():
+    logits = one_hot_logits([1, 2, 3, 4])  # target's argmax after each block token
+    assert accept_greedy(torch.tensor([1, 2, 3]), logits) == (3, 4)  # all accepted + bonus
+    assert accept_greedy(torch.tensor([0, 2, 3]), logits) == (0, 1)  # none: correction
+    assert accept_greedy(torch.tensor([1, 2, 0]), logits) == (2, 3)  # later drafts after a miss never count
+    assert accept_greedy(torch.tensor([1, 0, 3]), logits) == (1, 2)
+    assert accept_greedy(torch.tensor([], dtype=torch.long), logits[:1]) == (0, 1)
+
+
+def test_greedy_paths_takes_the_longest():
+    tokens = torch.tensor([9, 0, 1, 2, 1])  # root, then paths [0,1] and [0,2,3] and [0,4]
+    logits = one_hot_logits([1, 0, 2, 3, 0], V=10)  # after root: 1; after node 2: 2; after node 3: 3
+    assert accept_greedy_paths(tokens, [[0, 1], [0, 2, 3], [0, 4]], logits) == ([0, 2, 3], 3)
+    assert accept_greedy_paths(tokens, [[0, 1]], logits) == ([0], 1)
+
+
+def test_target_probs():
+    logits = torch.tensor([1.0, 3.0, 2.0, 0.0])
+    assert target_probs(logits, 0).tolist() == [0, 1, 0, 0]
+    p = target_probs(logits, 1.0, top_k=2)
+    assert p[0] == 0 and p[3] == 0 and torch.isclose(p.sum(), torch.tensor(1.0))
+    assert torch.allclose(target_probs(logits, 2.0), torch.softmax(logits / 2, -1))
+
+
+def first_token_counts(rule, V, n=20000, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.zeros(V)
+    for _ in range(n):
+        counts[rule(g)] += 1
+    return counts
+
+
+P = torch.tensor([[0.5, 0.2, 0.2, 0.1], [0.1, 0.6, 0.2, 0.1]])  # p_1, p_2
+Q = torch.tensor([[0.1, 0.1, 0.2, 0.6]])  # a poor drafter
+
+
+def draw_first(g, q=Q):
+    d = torch.multinomial(Q[0], 1, generator=g)
+    a, token = accept_sampled(d, q, P, g)
+    return int(d) if a == 1 else token
+
+
+def test_speculative_sampling_keeps_the_distribution():
+    assert chi_square_p_value(first_token_counts(draw_first, 4), P[0]) > 0.01
+
+
+def test_speculative_sampling_test_catches_a_wrong_q():
+    # sampling d from Q but telling the rule it came from a uniform q breaks the guarantee
+    uniform = torch.full((1, 4), 0.25)
+    counts = first_token_counts(lambda g: draw_first(g, uniform), 4)
+    assert chi_square_p_value(counts, P[0]) < 1e-6
+
+
+def test_deterministic_draft_keeps_the_distribution():
+    def draw(g):
+        a, token = accept_sampled(torch.tensor([3]), None, P, g)  # always drafts token 3
+        return 3 if a == 1 else token
+    assert chi_square_p_value(first_token_counts(draw, 4), P[0]) > 0.01
+
+
+def test_candidates_keep_the_distribution():
+    tokens = torch.tensor([0, 3, 2, 3])  # two children (3 and 2) of the root; the second tried after the first fails
+    p = torch.stack([P[0], P[1], P[1], P[1]])
+
+    def draw(g):
+        path, token = accept_candidates(tokens, [[0, 1], [0, 2], [0, 3]], p, g)
+        return int(tokens[path[1]]) if len(path) > 1 else token
+    assert chi_square_p_value(first_token_counts(draw, 4), P[0]) > 0.01
+
+
+def test_candidates_bonus_after_full_path():
+    tokens = torch.tensor([0, 1])
+    p = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    assert accept_candidates(tokens, [[0, 1]], p, torch.Generator()) == ([0, 1], 2)
+
+
+def test_top_beta_is_greedy_at_beta_1_and_looser_above():
+    logits = torch.log(torch.tensor([[0.5, 0.4, 0.1], [0.2, 0.7, 0.1], [0.3, 0.3, 0.4]]))
+    draft = torch.tensor([1, 1])
+    assert accept_top_beta(draft, logits, beta=1, tau=10.0) == accept_greedy(draft, logits) == (0, 0)
+    assert accept_top_beta(draft, logits, beta=2, tau=1.0) == (2, 2)  # 0.4 is close enough to 0.5
+    assert accept_top_beta(draft, logits, beta=2, tau=0.1) == (0, 0)  # but not within tau 0.1
