@@ -22,6 +22,9 @@ from minispec.cli import Parser, pick_device, run
 from minispec.errors import MinispecError
 from minispec.speculative import Stats
 
+# With --gpt2 there are no held-out prompts stored with the model: these are the default.
+GPT2_PROMPTS = ["The meaning of life is", "Once upon a time, there was a", "The capital of France is",
+                "In a shocking finding, scientists discovered"]
 COLOURS = {"accepted": "\033[32m", "correction": "\033[33m", "bonus": "\033[36m", "end": "\033[0m"}
 
 
@@ -65,6 +68,10 @@ def check_args(args, model, prompts):
         raise MinispecError(f"--k must be between 1 and {context - 1} (the context is {context}), got {args.k}")
     if args.top_k is not None and args.top_k < 1:
         raise MinispecError(f"--top-k must be at least 1, got {args.top_k}")
+    if args.beta is None and args.tau is not None:
+        raise MinispecError("--tau is the tolerance of --beta's relaxed verification: give --beta too")
+    if args.beta is not None and (args.beta < 1 or args.temperature != 0 or (args.tau is not None and args.tau < 0)):
+        raise MinispecError("--beta needs a value of at least 1, --tau 0 or more, and greedy decoding (--temperature 0)")
     for ids in prompts:
         if not ids:
             raise MinispecError("the prompt is empty")
@@ -73,10 +80,15 @@ def check_args(args, model, prompts):
                                 f"does not fit in the context of {context} tokens")
 
 
+def top_beta(args):
+    """(beta, tau) for SpecDec's lossy relaxed verification, or None for exact verification."""
+    return None if args.beta is None else (args.beta, 3.0 if args.tau is None else args.tau)
+
+
 def decode_one(args, model, tok, prompt_ids):
     drafter = minispec.make_drafter(args.method, model, ckpt=args.ckpt, k=args.k)
     res = minispec.generate(model, prompt_ids, args.max_new_tokens, drafter, args.temperature,
-                            args.top_k, args.seed, eot=tok.eot_token)
+                            args.top_k, args.seed, eot=tok.eot_token, top_beta=top_beta(args))
     colour = args.show and sys.stdout.isatty() and not os.environ.get("NO_COLOR")
     print(show(tok, prompt_ids, res, colour) if args.show else tok.decode(prompt_ids + res.tokens))
     s = res.stats
@@ -95,17 +107,28 @@ def row(method, k, s):
 
 
 def decode_all(args, model, tok, prompts):
-    methods = list(minispec.METHODS)
-    drafters = {m: minispec.make_drafter(m, model, ckpt=args.ckpt, k=args.k) for m in methods}
+    drafters, skipped = {}, []
+    for m in minispec.METHODS:
+        try:
+            drafters[m] = minispec.make_drafter(m, model, ckpt=args.ckpt, k=args.k)
+        except MinispecError:
+            if args.ckpt is not None:
+                raise
+            skipped.append(m)  # a trained method, and no checkpoint holds its drafter
+    methods = list(drafters)
+    if skipped:
+        print(f"skipped (they need drafters trained against this model, see train_tiny.py --init-from): "
+              f"{', '.join(skipped)}")
 
     def gen(method, ids, n):
         return minispec.generate(model, ids, n, drafters[method], args.temperature, args.top_k,
-                                 args.seed, eot=tok.eot_token)
+                                 args.seed, eot=tok.eot_token, top_beta=top_beta(args))
 
     for m in methods:  # warm-up: first calls pay for allocations and lazy initialisation
         gen(m, prompts[0], min(16, args.max_new_tokens))
     totals = {m: Stats() for m in methods}
     identical = {m: True for m in methods}
+    differing = {m: 0 for m in methods}  # new tokens unlike greedy's at the same place (lossy --beta)
     for i, ids in enumerate(prompts):
         print(f"\rprompt {i + 1}/{len(prompts)}", end="", file=sys.stderr, flush=True)
         reference = None
@@ -114,13 +137,19 @@ def decode_all(args, model, tok, prompts):
             add_stats(totals[m], res.stats)
             reference = res.tokens if m == "ar" else reference
             identical[m] &= res.tokens == reference
+            differing[m] += sum(a != b for a, b in zip(res.tokens, reference)) + abs(len(res.tokens) - len(reference))
     print(file=sys.stderr)
     ar_speed = totals["ar"].tokens_per_s
     rows = [{**row(m, args.k, totals[m]), "speedup": round(totals[m].tokens_per_s / ar_speed, 3),
-             "identical_to_ar": identical[m] if args.temperature == 0 else None} for m in methods]
+             "identical_to_ar": identical[m] if args.temperature == 0 else None,
+             **({"differing_from_ar": differing[m]} if args.temperature == 0 else {})} for m in methods]
+    if args.beta is not None:
+        print(f"top-beta verification (beta {args.beta}, tau {top_beta(args)[1]}) is LOSSY: 'NO a/b' counts the "
+              f"new tokens that differ from greedy decoding's at the same place")
     print(f"{'method':<12} {'k':>2} {'tau':>5} {'alpha':>5} {'tok/s':>7} {'speedup':>7} {'identical':>9}  accept at 1..k")
     for r in rows:
-        same = "-" if r["identical_to_ar"] is None else ("yes" if r["identical_to_ar"] else "NO")
+        same = ("-" if r["identical_to_ar"] is None else "yes" if r["identical_to_ar"] else
+                f"NO {r['differing_from_ar']}/{r['new_tokens']}")
         print(f"{r['method']:<12} {r['k']:>2} {r['tau']:>5.2f} {r['alpha']:>5.2f} {r['tokens_per_s']:>7.1f} "
               f"{r['speedup']:>6.2f}x {same:>9}  {' '.join(f'{a:.2f}' for a in r['accept_at'])}")
     return rows
@@ -128,21 +157,34 @@ def decode_all(args, model, tok, prompts):
 
 def main():
     ap = Parser(description=__doc__.split("\n")[0])
-    ap.add_argument("--ckpt", default="out/tiny", help="checkpoint folder made by train_tiny.py")
+    source = ap.add_mutually_exclusive_group()
+    source.add_argument("--ckpt", default="out/tiny", help="checkpoint folder made by train_tiny.py")
+    source.add_argument("--gpt2", default=None, metavar="DIR", help="a Hugging Face GPT-2 folder (config.json, "
+                        "model.safetensors or pytorch_model.bin, vocab.json, merges.txt): training-free methods only")
     ap.add_argument("--method", default="all", choices=list(minispec.METHODS) + ["all"])
-    ap.add_argument("--prompt", default=None, help="text to continue (default: the held-out prompts)")
+    ap.add_argument("--prompt", default=None, help="text to continue (default: the held-out prompts; with --gpt2, a few "
+                    "English sentences)")
     ap.add_argument("--k", type=int, default=4, help="draft length")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     ap.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens only")
+    ap.add_argument("--beta", type=int, default=None, help="LOSSY: SpecDec's relaxed verification, accepting a "
+                    "draft among the target's top-beta tokens (SpecDec uses 5); greedy only")
+    ap.add_argument("--tau", type=float, default=None, help="with --beta: accept only if log p(top-1) - log p(draft) "
+                    "<= tau (default 3.0, SpecDec's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--show", action="store_true", help="colour accepted drafts, corrections and bonus tokens")
     ap.add_argument("--json", default=None, help="also write the results to this file")
     args = ap.parse_args()
     device = pick_device(args.device)
-    model, tok = minispec.load(args.ckpt, device)
-    texts = [args.prompt] if args.prompt is not None else checkpoint.target_meta(args.ckpt)["prompts"]
+    if args.gpt2:
+        args.ckpt = None  # no trained drafters: make_drafter falls back to the training-free defaults
+        model, tok = minispec.load_gpt2(args.gpt2, device)
+    else:
+        model, tok = minispec.load(args.ckpt, device)
+    texts = ([args.prompt] if args.prompt is not None else
+             GPT2_PROMPTS if args.gpt2 else checkpoint.target_meta(args.ckpt)["prompts"])
     prompts = [tok.encode(t, allowed_special="all") for t in texts]
     check_args(args, model, prompts)
     if args.method == "all":

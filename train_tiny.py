@@ -18,8 +18,12 @@ import torch
 from minispec import checkpoint
 from minispec.cli import Parser, pick_device, run
 from minispec.data import cached_encode, read_corpus
+from minispec.drafters.blockwise import TEACHERS as HEAD_TEACHERS, head_agreement, save_heads, train_heads
 from minispec.drafters.draft_model import TEACHERS, train_draft_model
+from minispec.drafters.layerskip import save_search, train_layerskip
+from minispec.drafters.mask_drafter import TEACHERS as MASK_TEACHERS, mask_agreement, save_drafter, train_mask_drafter
 from minispec.errors import MinispecError
+from minispec.gpt2 import load_gpt2
 from minispec.model import GPT, GPTConfig
 from minispec.tokenizer import make_encoding, train_bpe
 from minispec.train import greedy_agreement, train_lm
@@ -34,15 +38,21 @@ class Preset:
     corpus_bytes: int | None  # cap on the corpus read (None: all of it)
     bpe_bytes: int  # how much of it the tokenizer is trained on
     draft_steps: int
+    heads_steps: int
+    n_heads: int = 8  # blockwise heads trained; decoding may use any k up to this
+    mask_steps: int = 300  # [M]-token drafter training steps (k up to 12)
 
 
 PRESETS = {
     "test": Preset(GPTConfig(block_size=128, vocab_size=384, n_layer=4, n_head=2, n_embd=48),
-                   steps=150, batch_size=8, lr=3e-3, corpus_bytes=300_000, bpe_bytes=100_000, draft_steps=60),
+                   steps=150, batch_size=8, lr=3e-3, corpus_bytes=300_000, bpe_bytes=100_000, draft_steps=60,
+                   heads_steps=30, mask_steps=40),
     "cpu": Preset(GPTConfig(block_size=256, vocab_size=2048, n_layer=6, n_head=4, n_embd=128),
-                  steps=600, batch_size=16, lr=2e-3, corpus_bytes=None, bpe_bytes=3_000_000, draft_steps=300),
+                  steps=400, batch_size=16, lr=2e-3, corpus_bytes=None, bpe_bytes=3_000_000, draft_steps=200,
+                  heads_steps=120),
     "gpu": Preset(GPTConfig(block_size=512, vocab_size=4096, n_layer=8, n_head=8, n_embd=512),
-                  steps=3000, batch_size=32, lr=1e-3, corpus_bytes=None, bpe_bytes=6_000_000, draft_steps=1500),
+                  steps=3000, batch_size=32, lr=1e-3, corpus_bytes=None, bpe_bytes=6_000_000, draft_steps=1500,
+                  heads_steps=1000, mask_steps=1500),
 }
 
 
@@ -68,6 +78,17 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--draft-teacher", choices=TEACHERS + ("compare",), default="soft",
                     help="what the draft model learns from (compare: train each, keep the best)")
+    ap.add_argument("--init-from", default=None, metavar="DIR",
+                    help="a Hugging Face GPT-2 folder to use as the target, with its tokenizer: no target "
+                         "training; the drafters are trained against it (the preset's model size is ignored)")
+    ap.add_argument("--layerskip", action="store_true",
+                    help="train the target with LayerSkip's layer dropout and early-exit loss (better earlyexit drafts)")
+    ap.add_argument("--layerskip-search", action="store_true",
+                    help="also search the layerskip skip set and the earlyexit layer (about a minute)")
+    ap.add_argument("--heads-teacher", choices=HEAD_TEACHERS + ("compare",), default="greedy",
+                    help="what the blockwise heads learn from (compare: train each, keep the best)")
+    ap.add_argument("--mask-teacher", choices=MASK_TEACHERS + ("compare",), default="greedy",
+                    help="what the [M]-token drafter learns from (compare: train each, keep the best)")
     args = ap.parse_args()
     device = pick_device(args.device)
     preset = PRESETS[args.preset]
@@ -84,7 +105,10 @@ def main():
         size += len(doc)
         if size >= preset.bpe_bytes:
             break
-    enc = make_encoding(train_bpe(bpe_texts, preset.model.vocab_size))
+    if args.init_from:  # a pretrained target brings its own tokenizer
+        target, enc = load_gpt2(args.init_from, device)
+    else:
+        enc = make_encoding(train_bpe(bpe_texts, preset.model.vocab_size))
     train_ids = cached_encode(enc, train_docs, out / "tokens-train.npy")
     val_ids = cached_encode(enc, val_docs, out / "tokens-val.npy")
     print(f"corpus: {len(train_docs)} training and {len(val_docs)} validation files, "
@@ -94,14 +118,21 @@ def main():
         raise MinispecError(f"the corpus is too small: the validation split needs more than "
                             f"{preset.model.block_size} tokens, it has {len(val_ids)}")
 
-    target = GPT(preset.model).to(device)
-    print(f"target: {target.num_params() / 1e6:.2f}M parameters, {preset.model}")
-    result = train_lm(target, train_ids, val_ids, preset.steps, preset.batch_size, preset.lr, args.seed)
+    if not args.init_from:
+        target = GPT(preset.model).to(device)
+    print(f"target: {target.num_params() / 1e6:.2f}M parameters, {target.config}")
+    result = ({"init_from": str(args.init_from)} if args.init_from else
+              (train_layerskip if args.layerskip else train_lm)(target, train_ids, val_ids, preset.steps,
+                                                                preset.batch_size, preset.lr, args.seed))
     meta = {"preset": args.preset, "data": args.data, "train": result, "prompts": heldout_prompts(val_docs)}
     checkpoint.save_target(out, target, enc, meta)
     print(f"saved {out / 'target.pt'}")
+    if args.layerskip_search:
+        save_search(target, train_ids, out)
 
     train_draft(args, preset, target, train_ids, val_ids, out)
+    train_blockwise(args, preset, target, train_ids, val_ids, out)
+    train_mask(args, preset, target, train_ids, val_ids, out)
     print(f"all done in {time.perf_counter() - t0:.0f}s")
 
 
@@ -117,6 +148,46 @@ def train_draft(args, preset, target, train_ids, val_ids, out):
     checkpoint.save_gpt(out / "draft_model.pt", "draft_model", drafts[best],
                         meta={"teacher": best, "agreement": agreement})
     print(f"saved {out / 'draft_model.pt'}")
+
+
+def train_blockwise(args, preset, target, train_ids, val_ids, out):
+    """Blockwise heads on the frozen target; with --heads-teacher compare, the teacher whose heads
+    promise the longer accepted block on held-out text is kept."""
+    teachers = HEAD_TEACHERS if args.heads_teacher == "compare" else (args.heads_teacher,)
+    heads = {t: train_heads(target, train_ids, preset.n_heads, preset.heads_steps, preset.batch_size // 2,
+                            preset.lr, t, seed=args.seed) for t in teachers}
+    agreement = {t: head_agreement(h, target, val_ids) for t, h in heads.items()}
+    best = max(agreement, key=lambda t: expected_accepted(agreement[t]))
+    for t, a in agreement.items():
+        print(f"blockwise heads ({t}): agreement per head {[round(x, 3) for x in a]}, "
+              f"expected accepted drafts {expected_accepted(a):.2f}")
+    save_heads(out / "blockwise.pt", heads[best], meta={"teacher": best, "agreement": agreement})
+    print(f"saved {out / 'blockwise.pt'} (teacher {best!r})")
+
+
+def expected_accepted(agreement):
+    """Expected accepted drafts if head i is right with probability agreement[i], independently."""
+    total, run = 0.0, 1.0
+    for a in agreement:
+        run *= a
+        total += run
+    return total
+
+
+def train_mask(args, preset, target, train_ids, val_ids, out):
+    """The [M]-token drafter; with --mask-teacher compare, the teacher whose drafter gives the higher
+    tau (at k=12) when greedy decoding is replayed on the target's held-out continuations is kept."""
+    teachers = MASK_TEACHERS if args.mask_teacher == "compare" else (args.mask_teacher,)
+    drafters = {t: train_mask_drafter(target, train_ids, preset.mask_steps, preset.batch_size // 2,
+                                      2.5 * preset.lr, t, seed=args.seed)  # shallow: a higher rate suits it
+                for t in teachers}
+    measured = {t: mask_agreement(d, target, val_ids) for t, d in drafters.items()}  # t -> (accept_at, tau)
+    best = max(measured, key=lambda t: measured[t][1])
+    for t, (accept_at, tau) in measured.items():
+        print(f"mask drafter ({t}): on held-out greedy text, acceptance per position "
+              f"{[round(a, 2) for a in accept_at]}, tau {tau:.2f}")
+    save_drafter(out / "mask.pt", drafters[best], meta={"teacher": best, "measured": measured})
+    print(f"saved {out / 'mask.pt'} (teacher {best!r})")
 
 
 if __name__ == "__main__":

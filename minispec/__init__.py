@@ -10,8 +10,9 @@
 from .checkpoint import load_target as load
 from .drafters import METHODS, make_drafter
 from .errors import MinispecError
+from .gpt2 import load_gpt2
 from .model import GPT, GPTConfig
 from .speculative import Draft, Drafter, generate
 
-__all__ = ["load", "generate", "make_drafter", "METHODS", "GPT", "GPTConfig", "Draft", "Drafter",
+__all__ = ["load", "load_gpt2", "generate", "make_drafter", "METHODS", "GPT", "GPTConfig", "Draft", "Drafter",
            "MinispecError"]

@@ -43,3 +43,78 @@ def render(mask, row_labels=None, col_labels=None, on="1", off="."):
     for label, row in zip(rows, mask.tolist()):
         lines.append(label.rjust(row_w) + " " + " ".join((on if m else off).rjust(col_w) for m in row))
     return "\n".join(lines)
+
+
+def lookahead(W, N, G, device=None):
+    """Lookahead decoding's block (Fu et al. 2024): x_t, a 2-D Jacobi window, then G n-grams.
+
+    The window has N-1 levels of W columns, stored level by level; x_t itself is level 0,
+    column 0. The token at level l, column c sits at position t + c + l and sees the level-0
+    tokens of columns 0..c and its own column at levels 1..l: exactly one token for each
+    position before its own. Then G candidate n-grams of N-1 tokens each (positions t+1..t+N-1)
+    each see x_t and their own earlier tokens. The window and the n-grams never see each other.
+    Returns ((N-1) * (W + G), (N-1) * (W + G)); for W=5, N=4, G=2 it is the 21 x 21 mask of the
+    LookaheadDecoding README, drawn in drafters/jacobi.py and in tests/test_jacobi.py.
+    """
+    levels = N - 1
+    window = levels * W
+    T = window + G * levels
+    mask = torch.zeros(T, T, dtype=torch.bool, device=device)
+    for level in range(levels):
+        rows = slice(level * W, (level + 1) * W)
+        mask[rows, :W] = causal(W, device)  # level 0, columns <= c
+        for lower in range(1, level + 1):  # the same column at levels 1..level (itself included)
+            mask[rows, lower * W:(lower + 1) * W].fill_diagonal_(True)
+    for g in range(G):
+        ngram = slice(window + g * levels, window + (g + 1) * levels)
+        mask[ngram, 0] = True  # x_t
+        mask[ngram, ngram] = causal(levels, device)
+    return mask
+
+
+def mask_token_block(n, k, device=None):
+    """SpecDec's [M]-token drafter (Xia et al. 2023) as a decoder: n prefix tokens, then k [M]s.
+
+    Prefix rows are causal and never see an [M], so their keys and values are exactly what a
+    plain prefill gives and can stay in a cache; every [M] row sees the whole prefix and all k
+    [M]s ("distinct attention": each [M] is its own query). Returns (n + k, n + k); for n=3, k=3:
+
+         p1 p2 p3 M1 M2 M3
+     p1   1  .  .  .  .  .
+     p2   1  1  .  .  .  .
+     p3   1  1  1  .  .  .
+     M1   1  1  1  1  1  1
+     M2   1  1  1  1  1  1
+     M3   1  1  1  1  1  1
+    """
+    mask = torch.zeros(n + k, n + k, dtype=torch.bool, device=device)
+    mask[:n, :n] = causal(n, device)
+    mask[n:] = True
+    return mask
+
+
+def mask_token_training(T, cuts, k, device=None):
+    """Many [M]-token drafting steps on one sequence, for training in one forward.
+
+    T tokens, causal; then for each cut r in `cuts` a group of k [M]s that sees tokens 0..r-1
+    and its own group, nothing else. Each group sees exactly what mask_token_block(r, k) shows
+    it, and the prefix rows never see any [M], so len(cuts) drafting steps share one prefix
+    computation. Returns (T + len(cuts) * k, T + len(cuts) * k); for T=3, cuts=[1, 2], k=2:
+
+         x0 x1 x2 M1 M2 M1 M2
+     x0   1  .  .  .  .  .  .
+     x1   1  1  .  .  .  .  .
+     x2   1  1  1  .  .  .  .
+     M1   1  .  .  1  1  .  .
+     M2   1  .  .  1  1  .  .
+     M1   1  1  .  .  .  1  1
+     M2   1  1  .  .  .  1  1
+    """
+    n = T + len(cuts) * k
+    mask = torch.zeros(n, n, dtype=torch.bool, device=device)
+    mask[:T, :T] = causal(T, device)
+    for j, r in enumerate(cuts):
+        group = slice(T + j * k, T + (j + 1) * k)
+        mask[group, :r] = True
+        mask[group, group] = True
+    return mask

@@ -3,9 +3,16 @@
 Every method runs through `generate` (ALGORITHMS.md §0). The loop knows nothing about any
 particular drafter; a drafter is an object with three methods:
 
-    start(prompt)                     forget the last call, prepare for this prompt
+    start(prompt, cache)              forget the last call, prepare for this prompt
     propose(seq, room, sampling)      -> Draft: tokens to verify after seq[-1], at most `room` deep
     observe(step)                     see what the target said and accepted (a Step)
+
+plus one method with a default that a drafter may override:
+
+    verify(model, idx, pos, mask, cache, slots) -> (logits, hidden)   the verification forward
+
+`cache` is the target's own KV cache: self-drafting methods (layer skipping, early exit) draft
+through it, and early exit verifies by running only the upper layers (its `verify`).
 
 Plain autoregressive decoding is the same loop with no drafter: every block is the one token
 seq[-1], and tau is exactly 1.
@@ -59,9 +66,11 @@ class Draft:
         k = len(tokens)
         return cls(tokens, torch.arange(1, k + 1), masks.causal(k + 1), [list(range(k + 1))], q)
 
-    def trimmed(self, room):
-        """The draft without tokens deeper than `room` (the context or the token budget ends)."""
-        keep = (self.depth <= room).nonzero().flatten()
+    def trimmed(self, room, slots):
+        """The draft without tokens deeper than `room` (the context or the token budget ends), and
+        without the block tokens past the `slots` free cache slots. Block tokens only see earlier
+        ones, so dropping the last ones leaves a valid block whose paths are cut short."""
+        keep = ((self.depth <= room) & (torch.arange(len(self.tokens)) < slots - 1)).nonzero().flatten()
         if len(keep) == len(self.tokens):
             return self
         block_keep = torch.cat([torch.zeros(1, dtype=torch.long), keep + 1])
@@ -75,7 +84,7 @@ class Drafter:
     """The interface. Subclasses override propose, and start/observe when they keep state."""
     k = 0
 
-    def start(self, prompt):
+    def start(self, prompt, cache):
         pass
 
     def propose(self, seq, room, sampling):
@@ -83,6 +92,9 @@ class Drafter:
 
     def observe(self, step):
         pass
+
+    def verify(self, model, idx, pos, mask, cache, slots):
+        return model(idx, pos, mask, cache, slots)
 
 
 @dataclass
@@ -150,21 +162,23 @@ class Result:
 
 def choose(draft, tokens, logits, sampling, top_beta=None):
     """Pick the accepted path and the next token with the rule that fits the draft."""
+    paths = draft.paths or [[0]]  # no candidate at all: just the target's own token
+    single_chain = len(paths) == 1 and paths[0] == list(range(len(tokens)))
     if top_beta is not None:  # SpecDec's relaxed rule: LOSSY
+        assert single_chain, "top-beta verification takes a single chain of drafts"
         a, token = accept_top_beta(draft.tokens, logits, *top_beta)
         return list(range(a + 1)), token
-    single_chain = len(draft.paths) == 1 and draft.paths[0] == list(range(len(tokens)))
     if sampling.temperature == 0:
         if single_chain:
             a, token = accept_greedy(draft.tokens, logits)
             return list(range(a + 1)), token
-        return accept_greedy_paths(tokens, draft.paths, logits)
+        return accept_greedy_paths(tokens, paths, logits)
     p = sampling.probs(logits)
     if single_chain:
         a, token = accept_sampled(draft.tokens, draft.q, p, sampling.generator)
         return list(range(a + 1)), token
     assert draft.q is None, "sampled drafts must be a single chain; several candidates must be deterministic"
-    return accept_candidates(tokens, draft.paths, p, sampling.generator)
+    return accept_candidates(tokens, paths, p, sampling.generator)
 
 
 def prefill(model, cache, ids):
@@ -195,13 +209,13 @@ def generate(model, prompt, max_new_tokens, drafter=None, temperature=0.0, top_k
     seq = list(prompt)
     if len(seq) > 1:
         prefill(model, cache, seq[:-1])
-    drafter.start(list(prompt))
+    drafter.start(list(prompt), cache)
     stats, steps = Stats(), []
     while stats.new_tokens < max_new_tokens and len(seq) < context:
         t = len(seq) - 1  # x_t = seq[t] is the one accepted token not yet in the cache
         room = min(max_new_tokens - stats.new_tokens, context - len(seq)) - 1
         t1 = time.perf_counter()
-        draft = drafter.propose(seq, room, sampling).trimmed(room)
+        draft = drafter.propose(seq, room, sampling).trimmed(room, cache.max_len - t)
         t2 = time.perf_counter()
 
         # verify: ONE target forward over the block [x_t, drafts] at slots t..t+T-1
@@ -210,8 +224,8 @@ def generate(model, prompt, max_new_tokens, drafter=None, temperature=0.0, top_k
         pos = torch.cat([torch.zeros(1, dtype=torch.long), draft.depth.cpu()]) + t
         slots = torch.arange(t, t + T)
         mask = masks.cached_block(t, draft.mask, t + T)
-        logits, hidden = model(tokens[None].to(device), pos.to(device), mask.to(device), cache,
-                               slots.to(device))
+        logits, hidden = drafter.verify(model, tokens[None].to(device), pos.to(device), mask.to(device),
+                                        cache, slots.to(device))
         logits, hidden = logits[0], hidden[0]  # (T, V), (T, C)
         path, token = choose(draft, tokens.to(device), logits, sampling, top_beta)
         if path != list(range(len(path))):  # a non-contiguous path: compact its entries

@@ -112,7 +112,7 @@ class Oracle(Drafter):
     def __init__(self, continuation, k, wrong=False, vocab=None):
         self.continuation, self.k, self.wrong, self.vocab = continuation, k, wrong, vocab
 
-    def start(self, prompt):
+    def start(self, prompt, cache):
         self.prompt_len = len(prompt)
 
     def propose(self, seq, room, sampling):
@@ -173,7 +173,7 @@ class ForkedOracle(Drafter):
     def __init__(self, continuation, vocab):
         self.continuation, self.vocab = continuation, vocab
 
-    def start(self, prompt):
+    def start(self, prompt, cache):
         self.prompt_len = len(prompt)
 
     def propose(self, seq, room, sampling):

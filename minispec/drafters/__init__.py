@@ -6,11 +6,17 @@ autoregressive decoding: no drafter at all.
 """
 
 from ..errors import MinispecError
-from . import draft_model
+from . import blockwise, draft_model, jacobi, layerskip, mask_drafter
 
 METHODS = {
     "ar": None,
     "draft_model": draft_model.make,
+    "jacobi": jacobi.make_jacobi,
+    "lookahead": jacobi.make_lookahead,
+    "blockwise": blockwise.make,
+    "layerskip": layerskip.make_layerskip,
+    "earlyexit": layerskip.make_earlyexit,
+    "mask": mask_drafter.make,
 }
 
 

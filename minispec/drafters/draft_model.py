@@ -42,7 +42,7 @@ class DraftModel(Drafter):
         self.fed = 0  # the draft cache holds seq[:fed]
         self.drafted = 0  # drafts proposed in the step being verified
 
-    def start(self, prompt):
+    def start(self, prompt, cache):
         self.fed = self.drafted = 0
 
     def _feed(self, ids, start):
@@ -80,9 +80,10 @@ class DraftModel(Drafter):
 
 def make(model, ckpt=None, k=4, untrained=False):
     device = next(model.parameters()).device
-    if untrained:
-        torch.manual_seed(0)
-        return DraftModel(GPT(draft_config(model.config)).to(device).eval(), k)
+    if untrained:  # random weights: a deliberately poor drafter, for tests
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            return DraftModel(GPT(draft_config(model.config)).to(device).eval(), k)
     if ckpt is None:
         raise MinispecError("draft_model needs a trained checkpoint folder: make one with `python train_tiny.py`")
     state = checkpoint.load(Path(ckpt) / "draft_model.pt", "draft_model", device)
@@ -108,7 +109,7 @@ def train_draft_model(target, train_ids, val_ids, steps, batch_size, lr, teacher
     draft.transformer.wte.weight.data.copy_(target.transformer.wte.weight)  # start from the target's embeddings
     draft.transformer.wpe.weight.data.copy_(target.transformer.wpe.weight)
     if teacher == "greedy":
-        train_ids = greedy_continuations(target, train_ids, log=log)
+        train_ids = greedy_continuations(target, train_ids, n_seqs=min(512, steps * batch_size // 2), log=log)
     if teacher in ("corpus", "greedy"):
         train_lm(draft, train_ids, val_ids, steps, batch_size, lr, seed, log, label=f"draft_model ({teacher})")
         return draft

@@ -1,0 +1,118 @@
+"""The [M]-token drafter: its masks, its one-forward training, and its cache (no [M] ever leaks)."""
+
+import pytest
+import torch
+
+import minispec
+from minispec import masks, speculative
+from minispec.drafters import mask_drafter
+from minispec.kvcache import KVCache
+from tests.conftest import random_gpt
+from tests.test_masks import drawn
+
+
+def test_mask_token_block_is_the_drawn_matrix():
+    assert torch.equal(masks.mask_token_block(3, 3), drawn("""
+        1 . . . . .
+        1 1 . . . .
+        1 1 1 . . .
+        1 1 1 1 1 1
+        1 1 1 1 1 1
+        1 1 1 1 1 1
+    """))
+
+
+def test_mask_token_block_behind_a_cached_prefix():
+    # 2 tokens already cached, 2 newly accepted tokens and 2 [M]s in slots 2..5, stale slots 6..7
+    assert torch.equal(masks.cached_block(2, masks.mask_token_block(2, 2), 8), drawn("""
+        1 1 1 . . . . .
+        1 1 1 1 . . . .
+        1 1 1 1 1 1 . .
+        1 1 1 1 1 1 . .
+    """))
+
+
+def test_mask_token_training_is_the_drawn_matrix():
+    # 4 tokens; a group of 2 [M]s cut after token 1, another cut after token 3
+    assert torch.equal(masks.mask_token_training(4, [1, 3], 2), drawn("""
+        1 . . . . . . .
+        1 1 . . . . . .
+        1 1 1 . . . . .
+        1 1 1 1 . . . .
+        1 . . . 1 1 . .
+        1 . . . 1 1 . .
+        1 1 1 . . . 1 1
+        1 1 1 . . . 1 1
+    """))
+
+
+def test_one_training_forward_equals_one_drafting_step_per_cut():
+    """Each [M] group of a training forward gets the logits a decoding step at its cut would."""
+    torch.manual_seed(0)
+    drafter = mask_drafter.SpecDrafter(minispec.GPTConfig(32, 11, 2, 2, 16), k_max=3).eval()
+    x = torch.randint(11, (2, 20))
+    cuts, k = torch.tensor([4, 9, 17]), 3
+    pos, offsets, mask, labels = mask_drafter.mask_token_batch(x, cuts, k)
+    together = drafter(x, pos, offsets, mask)  # (2, 9, V)
+    for j, r in enumerate(cuts.tolist()):
+        alone = drafter(x[:, :r], torch.arange(r + k), torch.arange(k), masks.mask_token_block(r, k))
+        assert torch.allclose(together[:, j * k:(j + 1) * k], alone, atol=1e-5)
+        assert torch.equal(labels[:, j * k:(j + 1) * k], x[:, r:r + k])
+
+
+def fresh_prefill(gpt, ids):
+    cache = KVCache.for_model(gpt)
+    speculative.prefill(gpt, cache, ids)
+    return cache
+
+
+@pytest.mark.parametrize("k", [1, 4, 8])
+def test_cache_is_the_accepted_prefix_after_every_step(k, tiny, tiny_ckpt):
+    """After each step the drafter's cache equals a fresh prefill of the accepted tokens, and the
+    slots behind them (where [M]s were written) never matter: filling them with garbage before
+    every step changes nothing."""
+    model, _ = tiny
+    drafter = minispec.make_drafter("mask", model, ckpt=tiny_ckpt, k=k)
+    prompt = [10, 11, 12, 13, 14]
+    clean = speculative.generate(model, prompt, 60, drafter)
+    seq, checked = list(prompt), []
+    observe = drafter.observe
+
+    def check_then_poison(step):
+        fed = drafter.fed
+        assert fed == len(seq)  # every accepted token up to x_t is in the cache ...
+        fresh = fresh_prefill(drafter.drafter.gpt, seq[:fed])
+        assert torch.allclose(drafter.cache.kv[..., :fed, :], fresh.kv[..., :fed, :], atol=1e-5)  # ... as a prefill
+        drafter.cache.kv[..., fed:, :] = 1e3 * torch.randn_like(drafter.cache.kv[..., fed:, :])
+        seq.extend(step.emitted)
+        checked.append(fed)
+        observe(step)
+
+    drafter.observe = check_then_poison
+    poisoned = speculative.generate(model, prompt, 60, drafter)
+    assert poisoned.tokens == clean.tokens and poisoned.steps == clean.steps  # same drafts, same acceptances
+    assert len(checked) == clean.stats.target_forwards and clean.stats.accepted > 0
+
+
+def test_one_drafter_forward_per_step(tiny, tiny_ckpt):
+    model, _ = tiny
+    drafter = minispec.make_drafter("mask", model, ckpt=tiny_ckpt, k=8)
+    calls = []
+    hook = drafter.drafter.register_forward_hook(lambda module, args, out: calls.append(out.shape))
+    try:
+        res = speculative.generate(model, [10, 11, 12, 13], 40, drafter)
+    finally:
+        hook.remove()
+    assert len(calls) == res.stats.target_forwards  # all k drafts of a step from one forward
+    assert max(shape[1] for shape in calls) == 8  # (1, k, V): the logits of k [M]s
+
+
+def test_k_beyond_the_trained_k_is_a_clear_error(tiny, tiny_ckpt):
+    model, _ = tiny
+    with pytest.raises(minispec.MinispecError, match="k=99"):
+        minispec.make_drafter("mask", model, ckpt=tiny_ckpt, k=99)
+
+
+def test_no_checkpoint_says_how_to_make_one():
+    with pytest.raises(minispec.MinispecError, match="python train_tiny.py"):
+        minispec.make_drafter("mask", random_gpt(), k=2)
