@@ -164,10 +164,10 @@ def choose(draft, tokens, logits, sampling, top_beta=None):
     """Pick the accepted path and the next token with the rule that fits the draft."""
     paths = draft.paths or [[0]]  # no candidate at all: just the target's own token
     single_chain = len(paths) == 1 and paths[0] == list(range(len(tokens)))
-    if top_beta is not None:  # SpecDec's relaxed rule: LOSSY
-        assert single_chain, "top-beta verification takes a single chain of drafts"
+    if top_beta is not None and single_chain:  # SpecDec's relaxed rule: LOSSY (chains only;
         a, token = accept_top_beta(draft.tokens, logits, *top_beta)
         return list(range(a + 1)), token
+    # several candidate paths are always verified exactly)
     if sampling.temperature == 0:
         if single_chain:
             a, token = accept_greedy(draft.tokens, logits)
