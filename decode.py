@@ -3,11 +3,18 @@
     python decode.py                                   # every method on the held-out prompts: one table
     python decode.py --method draft_model --prompt "def parse(" --show
     python decode.py --method all --json results.json
+    python decode.py --device cuda                     # verification as captured CUDA graphs
+    python decode.py --device cuda --no-graphs         # the same, eagerly: the graphs' speedup
 
 With --method all every method decodes the same prompts in this one process, after a warm-up,
 interleaved prompt by prompt so that a slow moment of the machine hits all methods alike. The
 speedup is tokens/s over autoregressive decoding (`ar`) measured in the same run, and
 identical_to_ar says whether the greedy tokens equal plain greedy decoding's, prompt by prompt.
+
+Forwards: on a GPU every forward after the prefill is replayed from a CUDA graph (cudagraph.py);
+--no-graphs runs them eagerly. On CPU they run plainly; --static runs them through the graphs'
+static buffers eagerly (what a graph replays, to compare; on CPU it costs 10-15% more, for
+reading the whole cache width).
 """
 
 import json
@@ -19,6 +26,7 @@ import torch
 import minispec
 from minispec import checkpoint
 from minispec.cli import Parser, pick_device, run
+from minispec.cudagraph import StaticForwards
 from minispec.errors import MinispecError
 from minispec.speculative import Stats
 
@@ -85,10 +93,17 @@ def top_beta(args):
     return None if args.beta is None else (args.beta, 3.0 if args.tau is None else args.tau)
 
 
-def decode_one(args, model, tok, prompt_ids):
+def forwards(args, device):
+    """How forwards run: 'graphs' (CUDA graphs), 'static' (their buffers, eagerly) or 'plain'."""
+    if args.no_graphs:
+        return "plain"
+    return "static" if args.static else "graphs" if device == "cuda" else "plain"
+
+
+def decode_one(args, model, tok, prompt_ids, static):
     drafter = minispec.make_drafter(args.method, model, ckpt=args.ckpt, k=args.k)
     res = minispec.generate(model, prompt_ids, args.max_new_tokens, drafter, args.temperature,
-                            args.top_k, args.seed, eot=tok.eot_token, top_beta=top_beta(args))
+                            args.top_k, args.seed, eot=tok.eot_token, top_beta=top_beta(args), static=static)
     colour = args.show and sys.stdout.isatty() and not os.environ.get("NO_COLOR")
     print(show(tok, prompt_ids, res, colour) if args.show else tok.decode(prompt_ids + res.tokens))
     s = res.stats
@@ -106,7 +121,7 @@ def row(method, k, s):
             "draft_s": round(s.draft_s, 3), "verify_s": round(s.verify_s, 3)}
 
 
-def decode_all(args, model, tok, prompts):
+def decode_all(args, model, tok, prompts, static):
     drafters, skipped = {}, []
     for m in minispec.METHODS:
         try:
@@ -122,9 +137,9 @@ def decode_all(args, model, tok, prompts):
 
     def gen(method, ids, n):
         return minispec.generate(model, ids, n, drafters[method], args.temperature, args.top_k,
-                                 args.seed, eot=tok.eot_token, top_beta=top_beta(args))
+                                 args.seed, eot=tok.eot_token, top_beta=top_beta(args), static=static)
 
-    for m in methods:  # warm-up: first calls pay for allocations and lazy initialisation
+    for m in methods:  # warm-up: first calls pay for allocations, lazy initialisation and graph capture
         gen(m, prompts[0], min(16, args.max_new_tokens))
     totals = {m: Stats() for m in methods}
     identical = {m: True for m in methods}
@@ -174,6 +189,10 @@ def main():
                     "<= tau (default 3.0, SpecDec's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    graphs = ap.add_mutually_exclusive_group()
+    graphs.add_argument("--no-graphs", action="store_true", help="on a GPU, run every forward eagerly, not as CUDA graphs")
+    graphs.add_argument("--static", action="store_true", help="run forwards through the CUDA graphs' static "
+                        "buffers but eagerly (the graphs' code path without capture; works on CPU)")
     ap.add_argument("--show", action="store_true", help="colour accepted drafts, corrections and bonus tokens")
     ap.add_argument("--json", default=None, help="also write the results to this file")
     args = ap.parse_args()
@@ -187,13 +206,16 @@ def main():
              GPT2_PROMPTS if args.gpt2 else checkpoint.target_meta(args.ckpt)["prompts"])
     prompts = [tok.encode(t, allowed_special="all") for t in texts]
     check_args(args, model, prompts)
+    mode = forwards(args, device)
+    static = None if mode == "plain" else StaticForwards(graphs=mode == "graphs")
+    print(f"device {device}, forwards: {mode}", file=sys.stderr)
     if args.method == "all":
-        rows = decode_all(args, model, tok, prompts)
+        rows = decode_all(args, model, tok, prompts, static)
     else:
-        rows = [decode_one(args, model, tok, prompts[0])]
+        rows = [decode_one(args, model, tok, prompts[0], static)]
     if args.json:
         report = {"device": device, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-                  "graphs": False, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
+                  "graphs": mode == "graphs", "forwards": mode, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
                   "temperature": args.temperature, "methods": rows}
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

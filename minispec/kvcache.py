@@ -15,6 +15,8 @@ import torch
 
 
 class KVCache:
+    static = None  # the cudagraph.StaticForwards that owns this cache, if its forwards are static
+
     def __init__(self, n_layer, n_head, head_dim, max_len, batch=1, device="cpu", dtype=torch.float32):
         self.max_len = max_len
         self.kv = torch.zeros(n_layer, 2, batch, n_head, max_len, head_dim, device=device, dtype=dtype)

@@ -32,6 +32,12 @@ def cached_block(start, block, width, device=None):
     return mask
 
 
+def widen(mask, width):
+    """mask (T, S) -> (T, width): the same mask over more cache slots, the extra ones hidden.
+    A CUDA graph reads the cache over its full width, whatever the step (cudagraph.py)."""
+    return torch.cat([mask, mask.new_zeros(mask.size(0), width - mask.size(1))], dim=1)
+
+
 def render(mask, row_labels=None, col_labels=None, on="1", off="."):
     """The mask as a labelled grid of characters, one row per query, one column per key."""
     T, S = mask.shape

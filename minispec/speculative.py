@@ -12,7 +12,10 @@ plus one method with a default that a drafter may override:
     verify(model, idx, pos, mask, cache, slots) -> (logits, hidden)   the verification forward
 
 `cache` is the target's own KV cache: self-drafting methods (layer skipping, early exit) draft
-through it, and early exit verifies by running only the upper layers (its `verify`).
+through it, and early exit verifies by running only the upper layers (its `verify`). A drafter
+with a model of its own makes its cache with cudagraph.cache_like(cache, its_model) and runs
+its cached forwards through cudagraph.run, so that with `static` (CUDA graphs, or their eager
+stand-in on CPU) every forward of a step has a fixed shape.
 
 Plain autoregressive decoding is the same loop with no drafter: every block is the one token
 seq[-1], and tau is exactly 1.
@@ -33,7 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import masks
+from . import cudagraph, masks
 from .errors import MinispecError
 from .kvcache import KVCache
 from .verify import (accept_candidates, accept_greedy, accept_greedy_paths, accept_sampled,
@@ -94,7 +97,7 @@ class Drafter:
         pass
 
     def verify(self, model, idx, pos, mask, cache, slots):
-        return model(idx, pos, mask, cache, slots)
+        return cudagraph.forward(model, idx, pos, mask, cache, slots)
 
 
 @dataclass
@@ -191,11 +194,13 @@ def prefill(model, cache, ids):
 
 @torch.no_grad()
 def generate(model, prompt, max_new_tokens, drafter=None, temperature=0.0, top_k=None, seed=0,
-             eot=None, top_beta=None):
+             eot=None, top_beta=None, static=None):
     """Continue `prompt` (a list of token ids) by up to max_new_tokens tokens.
 
     Stops early at the token `eot` (which is kept) or when the sequence fills the context.
     top_beta=(beta, tau) switches to SpecDec's relaxed verification, which is LOSSY.
+    static: a cudagraph.StaticForwards to run every forward after the prefill at a fixed shape
+    (CUDA graphs, or eagerly over the same static buffers); None runs them plainly.
     """
     t0 = time.perf_counter()
     context = model.config.block_size
@@ -205,7 +210,7 @@ def generate(model, prompt, max_new_tokens, drafter=None, temperature=0.0, top_k
     generator = torch.Generator(device=device).manual_seed(seed)
     sampling = Sampling(temperature, top_k, generator)
     drafter = drafter or Drafter()
-    cache = KVCache.for_model(model)
+    cache = KVCache.for_model(model) if static is None else static.cache_for(model)
     seq = list(prompt)
     if len(seq) > 1:
         prefill(model, cache, seq[:-1])

@@ -4,8 +4,8 @@ Leviathan, Kalman & Matias, "Fast Inference from Transformers via Speculative De
 Chen et al., "Accelerating Large Language Model Decoding with Speculative Sampling" (2023).
 This is the reference baseline every other drafter is measured against (ALGORITHMS.md §6).
 
-Proposing: the draft model keeps its own static KV cache of the accepted sequence. Each step it
-first feeds the accepted tokens it has not seen yet (x_t, and the tokens accepted last step),
+Proposing: the draft model keeps its own static KV cache of the accepted sequence, filled with
+the prompt by a prefill at the start. Each step it first feeds the accepted tokens it has not seen yet (x_t, and the tokens accepted last step),
 then runs k-1 more one-token steps, each feeding the draft it just made. For sampling, each draft
 is drawn from the draft model's distribution q_i, which the loop needs for the acceptance test.
 
@@ -28,9 +28,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .. import checkpoint, masks
+from .. import checkpoint, cudagraph, masks
 from ..errors import MinispecError
-from ..kvcache import KVCache
 from ..model import GPT, GPTConfig
 from ..speculative import Draft, Drafter, prefill
 from ..data import get_batch
@@ -41,20 +40,22 @@ class DraftModel(Drafter):
     def __init__(self, draft, k=4):
         self.draft = draft
         self.k = k
-        self.cache = KVCache.for_model(draft)
-        self.fed = 0  # the draft cache holds seq[:fed]
         self.drafted = 0  # drafts proposed in the step being verified
 
     def start(self, prompt, cache):
-        self.fed = self.drafted = 0
+        self.cache = cudagraph.cache_like(cache, self.draft)
+        if len(prompt) > 1:
+            prefill(self.draft, self.cache, prompt[:-1])
+        self.fed = len(prompt) - 1  # the draft cache holds seq[:fed]
+        self.drafted = 0
 
     def _feed(self, ids, start):
-        """Feed token ids at positions start..; return the draft's logits after the last one (V,)."""
+        """Feed 1 or 2 token ids at positions start..; return the draft's logits after the last one (V,)."""
         device = self.cache.kv.device
         n = len(ids)
         pos = torch.arange(start, start + n, device=device)
         mask = masks.cached_block(start, masks.causal(n), start + n, device)
-        logits, _ = self.draft(torch.tensor([ids], device=device), pos, mask, self.cache, pos)
+        logits, _ = cudagraph.forward(self.draft, torch.tensor([ids], device=device), pos, mask, self.cache, pos)
         return logits[0, -1]
 
     def propose(self, seq, room, sampling):

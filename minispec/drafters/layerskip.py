@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .. import checkpoint, masks
+from .. import checkpoint, cudagraph, masks
 from ..data import get_batch
 from ..errors import MinispecError
 from ..kvcache import KVCache
@@ -79,9 +79,15 @@ class LayerSkip(Drafter):
 
     def draft_forward(self, token, pos, mask):
         """token (1, 1) at position == slot pos (1,), mask (1, pos+1) -> logits (V,)."""
+        key = ("draft", id(self.model), tuple(self.draft_layers), self.skip)
+        logits, x = cudagraph.run(self.cache, key, self.draft_step, token, pos, mask, pos)
+        return logits[0, -1]
+
+    def draft_step(self, token, pos, mask, slots):
+        """One token through the draft layers -> (logits (1, 1, V), the residual stream after them (1, 1, C))."""
         x = self.model.embed(token, pos)  # (1, 1, C)
-        x = self.model.run_layers(x, mask, self.cache, pos, layers=self.draft_layers, skip=self.skip)
-        return self.model.head(x)[0][0, -1]
+        x = self.model.run_layers(x, mask, self.cache, slots, layers=self.draft_layers, skip=self.skip)
+        return self.model.head(x)[0], x
 
     def propose(self, seq, room, sampling):
         k = min(self.k, room)
@@ -128,18 +134,28 @@ class EarlyExit(LayerSkip):
         return super().propose(seq, room, sampling)
 
     def draft_forward(self, token, pos, mask):
-        x = self.model.embed(token, pos)
-        x = self.model.run_layers(x, mask, self.cache, pos, layers=self.draft_layers)  # exact cache entries
+        key = ("draft", id(self.model), tuple(self.draft_layers), self.skip)
+        logits, x = cudagraph.run(self.cache, key, self.draft_step, token, pos, mask, pos)  # exact cache entries
         self.states.append(x)
-        return self.model.head(x)[0][0, -1]
+        return logits[0, -1]
 
     def verify(self, model, idx, pos, mask, cache, slots):
         n = len(self.states)  # block tokens 0..n-1 went through layers 0..E-1 while drafting
         assert n < idx.size(1), "verify must follow this drafter's own propose"
-        rest = model.run_layers(model.embed(idx[:, n:], pos[n:]), mask[n:], cache, slots[n:], layers=self.draft_layers)
-        x = torch.cat(self.states + [rest], dim=1)  # (1, T, C) the block after layer E-1
-        x = model.run_layers(x, mask, cache, slots, layers=range(self.exit_layer, model.config.n_layer))
+        states = torch.cat(self.states, dim=1) if n else torch.zeros(1, 0, model.config.n_embd, device=idx.device)
         self.states = []
+        return cudagraph.run(cache, ("upper", id(model), self.exit_layer, n), self.upper_forward,
+                             idx, pos, mask, slots, states)
+
+    def upper_forward(self, idx, pos, mask, slots, states):
+        """Finish the block: the tokens not drafted (the last one, at least) through layers 0..E-1,
+        then the whole block through layers E..L-1 -> (logits (1, T, V), hidden (1, T, C)).
+        states (1, n, C): the first n block tokens after layer E-1, computed while drafting."""
+        n, model = states.size(1), self.model
+        rest = model.run_layers(model.embed(idx[:, n:], pos[n:]), mask[n:], self.cache, slots[n:],
+                                layers=self.draft_layers)
+        x = torch.cat([states, rest], dim=1)  # (1, T, C) the block after layer E-1
+        x = model.run_layers(x, mask, self.cache, slots, layers=range(self.exit_layer, model.config.n_layer))
         return model.head(x)
 
 

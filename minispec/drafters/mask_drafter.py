@@ -65,12 +65,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import checkpoint, masks
+from .. import checkpoint, cudagraph, masks
 from ..data import get_batch
 from ..errors import MinispecError
-from ..kvcache import KVCache
 from ..model import GPT, GPTConfig
-from ..speculative import Draft, Drafter
+from ..speculative import Draft, Drafter, prefill
 from ..train import fit, greedy_continuations
 
 TEACHERS = ("corpus", "greedy", "glancing")  # glancing: greedy targets, glancing on
@@ -104,11 +103,16 @@ class MaskDrafter(Drafter):
         if k > drafter.k_max:
             raise MinispecError(f"mask was trained for k up to {drafter.k_max}; k={k} asks for more")
         self.drafter, self.k = drafter, k
-        self.cache = KVCache.for_model(drafter.gpt)
-        self.fed = 0  # the drafter's cache holds seq[:fed]
 
     def start(self, prompt, cache):
-        self.fed = 0
+        self.cache = cudagraph.cache_like(cache, self.drafter.gpt)
+        if len(prompt) > 1:  # prefix rows never see an [M]: the prompt is a plain prefill
+            prefill(self.drafter.gpt, self.cache, prompt[:-1])
+        self.fed = len(prompt) - 1  # the drafter's cache holds seq[:fed]
+
+    def block_forward(self, idx, pos, mask, slots, offsets):
+        """The accepted tokens idx (1, n) then len(offsets) [M]s, in one forward over the cache."""
+        return (self.drafter(idx, pos, offsets, mask, self.cache, slots),)
 
     def propose(self, seq, room, sampling):
         k = min(self.k, room)
@@ -119,8 +123,9 @@ class MaskDrafter(Drafter):
         n = len(new)
         pos = torch.arange(self.fed, self.fed + n + k, device=device)  # [M]_i at t+i; slots == positions
         mask = masks.cached_block(self.fed, masks.mask_token_block(n, k, device), self.fed + n + k, device)
-        logits = self.drafter(torch.tensor([new], device=device), pos, torch.arange(k, device=device),
-                              mask, self.cache, pos)[0]  # (k, V)
+        offsets = torch.arange(k, device=device)  # [M]_i has offset i-1
+        logits = cudagraph.run(self.cache, ("mask", id(self.drafter), k), self.block_forward,
+                               torch.tensor([new], device=device), pos, mask, pos, offsets)[0][0]  # (k, V)
         self.fed = len(seq)  # the [M] entries at slots t+1..t+k are dead: next step overwrites them
         if sampling.temperature == 0:
             return Draft.chain(logits.argmax(-1))
