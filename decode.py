@@ -8,8 +8,8 @@
 
 With --method all every method decodes the same prompts in this one process, after a warm-up,
 interleaved prompt by prompt so that a slow moment of the machine hits all methods alike. The
-speedup is tokens/s over autoregressive decoding (`ar`) measured in the same run, and
-identical_to_ar says whether the greedy tokens equal plain greedy decoding's, prompt by prompt.
+speedup is tokens/s over autoregressive decoding (`ar`) measured in the same run; draft s and
+verify s are the seconds spent proposing and verifying over all prompts; identical_to_ar says whether the greedy tokens equal plain greedy decoding's, prompt by prompt.
 
 Forwards: on a GPU every forward after the prefill is replayed from a CUDA graph (cudagraph.py);
 --no-graphs runs them eagerly. On CPU they run plainly; --static runs them through the graphs'
@@ -161,12 +161,14 @@ def decode_all(args, model, tok, prompts, static):
     if args.beta is not None:
         print(f"top-beta verification (beta {args.beta}, tau {top_beta(args)[1]}) is LOSSY: 'NO a/b' counts the "
               f"new tokens that differ from greedy decoding's at the same place")
-    print(f"{'method':<12} {'k':>2} {'tau':>5} {'alpha':>5} {'tok/s':>7} {'speedup':>7} {'identical':>9}  accept at 1..k")
+    print(f"{'method':<12} {'k':>2} {'tau':>5} {'alpha':>5} {'tok/s':>7} {'speedup':>7} {'draft s':>7} "
+          f"{'verify s':>8} {'identical':>9}  accept at 1..k")
     for r in rows:
         same = ("-" if r["identical_to_ar"] is None else "yes" if r["identical_to_ar"] else
                 f"NO {r['differing_from_ar']}/{r['new_tokens']}")
         print(f"{r['method']:<12} {r['k']:>2} {r['tau']:>5.2f} {r['alpha']:>5.2f} {r['tokens_per_s']:>7.1f} "
-              f"{r['speedup']:>6.2f}x {same:>9}  {' '.join(f'{a:.2f}' for a in r['accept_at'])}")
+              f"{r['speedup']:>6.2f}x {r['draft_s']:>7.2f} {r['verify_s']:>8.2f} {same:>9}  "
+              f"{' '.join(f'{a:.2f}' for a in r['accept_at'])}")
     return rows
 
 

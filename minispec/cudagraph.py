@@ -126,7 +126,7 @@ def main():
 
         python -m minispec.cudagraph [--ckpt out/gpu]   # default: a random model, untrained drafters
     """
-    import argparse
+    import argparse  # imported here: the loop and the drafters import this module
 
     from .checkpoint import load_target
     from .drafters import METHODS, make_drafter
