@@ -1,0 +1,59 @@
+"""Lesson 04: blockwise parallel decoding heads ("shared attention")
+
+The target's final hidden state h_t already knows something about the tokens after the next
+one. Blockwise decoding trains k small heads on top of the frozen target: head i reads the SAME
+h_t and guesses the token i+1 places ahead, while the model's own LM head gives the next one.
+All the guesses share one attention computation, the target's, which is what sets this method
+apart from the [M]-token drafter of lesson 05. The trick that makes it cheap: verifying a block
+already computes the target's hidden state at every block position, so the hidden state at the
+last accepted token is h for the next step, and proposing costs the heads only, never an extra
+target forward. The very first step has no such state yet, so it proposes nothing.
+
+Paper: Stern, Shazeer & Uszkoreit, "Blockwise Parallel Decoding for Deep Autoregressive
+Models" (NeurIPS 2018); the head form of Medusa (Cai et al. 2024).
+File: minispec/drafters/blockwise.py (the heads, their training, and how they propose).
+"""
+
+from common import label, lesson, prompts, run, section, show_mask
+from decode import add_stats
+from minispec import generate, make_drafter, masks
+from minispec.speculative import Stats
+
+
+def main():
+    model, tok, ckpt = lesson(__doc__)
+    test_prompts = prompts(ckpt, tok, 2)
+
+    section("shared attention: every head reads the one hidden state of the last accepted token")
+    print("    h_t --> LM head --> x_(t+1)     (the target's own token, emitted by verification)")
+    print("     +----> head 1  --> d_1 = x_(t+2)")
+    print("     +----> head 2  --> d_2 = x_(t+3)   ...")
+    print("The target verifies [x_t, d_1..d_k] with the usual chain mask; the row of the last accepted")
+    print("token is the h of the next step's proposal (k = 3, after a prefix in slots 0..t-1):")
+    show_mask(masks.causal(4), ["x_t", "d1", "d2", "d3"])
+
+    section("one decoding, step by step (k = 4)")
+    drafter = make_drafter("blockwise", model, ckpt=ckpt, k=4)
+    res = generate(model, test_prompts[0], 32, drafter)
+    for i, (emitted, accepted, depth) in enumerate(res.steps[:5]):
+        print(f"step {i + 1}: drafted {depth}, accepted {accepted} {label(tok, emitted[:accepted])} "
+              f"+ target's token {label(tok, emitted[accepted:])}")
+    print(f"measured: {len(res.steps)} steps, {res.stats.target_forwards} target forwards, and no other model forward "
+          f"(the heads took {res.stats.draft_s * 1e3:.1f} ms, verification {res.stats.verify_s * 1e3:.1f} ms)")
+
+    section("acceptance as k grows, on 2 held-out prompts x 48 tokens")
+    print(f"{'k':>2} {'tau':>5} {'alpha':>5}  identical  acceptance at 1..k")
+    for k in (1, 2, 4, 6):
+        drafter = make_drafter("blockwise", model, ckpt=ckpt, k=k)
+        total, same = Stats(), True
+        for p in test_prompts:
+            r = generate(model, p, 48, drafter)
+            add_stats(total, r.stats)
+            same &= r.tokens == generate(model, p, 48).tokens
+        print(f"{k:>2} {total.tau:>5.2f} {total.alpha:>5.2f}  {str(same):>9}  "
+              + " ".join(f"{a:.2f}" for a in total.accept_at))
+    print("A head further ahead guesses from the same h_t with less to go on: the gain flattens with k.")
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,45 @@
+"""Lesson 09: every method side by side
+
+The same target, the same prompts, the same loop; only the drafter changes. This runs every
+registered method (minispec.METHODS) with `decode.py --method all`'s own routine: a warm-up,
+then the prompts one by one, each method in turn, so a slow moment of the machine hits all
+methods alike. tau is new tokens per target forward (autoregressive = 1.00), alpha the share of
+drafts accepted, speedup the tokens/s over `ar` in this same run, and `identical` says whether
+the greedy tokens equal plain greedy decoding's: they must, for every method. tau is what a
+method buys; speedup is what is left after paying for the drafter, and on a CPU, where a
+target forward over k+1 tokens costs more than one over a single token, it is the harder number.
+
+Papers: Spec-Bench (Xia et al., "Unlocking Efficiency in Large Language Model Inference", ACL
+Findings 2024) compares methods this way. Files: decode.py, minispec/drafters/__init__.py.
+"""
+
+from argparse import Namespace
+
+from common import lesson, prompts, run, section, show_mask
+from decode import decode_all
+from minispec import masks
+
+K = 4
+NEW_TOKENS = 48
+
+
+def main():
+    model, tok, ckpt = lesson(__doc__)
+    test_prompts = prompts(ckpt, tok, 2)
+    section(f"what the target verifies each step (k = {K})")
+    print("Every method but lookahead hands the target a chain, [x_t, d_1..d_k] under the causal block mask")
+    print("(behind the cached prefix, lesson 02); lookahead hands it its window and n-grams (lesson 06):")
+    show_mask(masks.causal(K + 1), ["x_t"] + [f"d{i}" for i in range(1, K + 1)])
+    section(f"greedy, k = {K}, {len(test_prompts)} held-out prompts x {NEW_TOKENS} tokens "
+            f"(the full benchmark: python decode.py)")
+    args = Namespace(method="all", ckpt=ckpt, k=K, max_new_tokens=NEW_TOKENS, temperature=0.0, top_k=None, seed=0,
+                     beta=None, tau=None)
+    rows = decode_all(args, model, tok, test_prompts)
+    best = max((r for r in rows if r["method"] != "ar"), key=lambda r: r["tau"])
+    print(f"\nmeasured: the highest tau is {best['method']}'s ({best['tau']:.2f}); every method identical to greedy: "
+          f"{all(r['identical_to_ar'] for r in rows)}")
+    print("Two prompts are a demonstration, not a benchmark: timings on a shared CPU vary by 20% from run to run.")
+
+
+if __name__ == "__main__":
+    run(main)
