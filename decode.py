@@ -36,20 +36,6 @@ GPT2_PROMPTS = ["The meaning of life is", "Once upon a time, there was a", "The 
 COLOURS = {"accepted": "\033[32m", "correction": "\033[33m", "bonus": "\033[36m", "end": "\033[0m"}
 
 
-def add_stats(total, s):
-    """Accumulate one run's statistics into a running total."""
-    for name in ("new_tokens", "target_forwards", "proposed", "accepted", "draft_s", "verify_s", "total_s"):
-        setattr(total, name, getattr(total, name) + getattr(s, name))
-    for depth, (tried, accepted) in enumerate(zip(s.tried_at, s.accepted_at)):
-        if depth == len(total.tried_at):
-            total.tried_at.append(0)
-            total.accepted_at.append(0)
-        total.tried_at[depth] += tried
-        total.accepted_at[depth] += accepted
-    for length, n in s.accepted_lengths.items():
-        total.accepted_lengths[length] = total.accepted_lengths.get(length, 0) + n
-
-
 def show(tok, prompt_ids, res, colour):
     """The prompt, then each step's tokens: accepted drafts, then the correction or bonus token."""
     def paint(ids, kind):
@@ -149,7 +135,7 @@ def decode_all(args, model, tok, prompts, static):
         reference = None
         for m in methods:
             res = gen(m, ids, args.max_new_tokens)
-            add_stats(totals[m], res.stats)
+            totals[m].add(res.stats)
             reference = res.tokens if m == "ar" else reference
             identical[m] &= res.tokens == reference
             differing[m] += sum(a != b for a, b in zip(res.tokens, reference)) + abs(len(res.tokens) - len(reference))

@@ -15,7 +15,6 @@ File: minispec/drafters/blockwise.py (the heads, their training, and how they pr
 """
 
 from common import label, lesson, prompts, run, section, show_mask
-from decode import add_stats
 from minispec import generate, make_drafter, masks
 from minispec.speculative import Stats
 
@@ -48,7 +47,7 @@ def main():
         total, same = Stats(), True
         for p in test_prompts:
             r = generate(model, p, 48, drafter)
-            add_stats(total, r.stats)
+            total.add(r.stats)
             same &= r.tokens == generate(model, p, 48).tokens
         print(f"{k:>2} {total.tau:>5.2f} {total.alpha:>5.2f}  {str(same):>9}  "
               + " ".join(f"{a:.2f}" for a in total.accept_at))

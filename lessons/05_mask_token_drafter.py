@@ -14,7 +14,6 @@ File: minispec/drafters/mask_drafter.py (the drafter, its masks, its training wi
 """
 
 from common import label, lesson, prompts, run, section, show_mask
-from decode import add_stats
 from minispec import generate, make_drafter, masks
 from minispec.speculative import Stats
 
@@ -51,7 +50,7 @@ def main():
         total, same = Stats(), True
         for p in test_prompts:
             r = generate(model, p, 48, drafter)
-            add_stats(total, r.stats)
+            total.add(r.stats)
             same &= r.tokens == generate(model, p, 48).tokens
         print(f"{method:<12} {forwards:>21} {total.draft_s * 1e3 / total.target_forwards:>13.2f} {total.tau:>5.2f} "
               f"{total.alpha:>5.2f}  {str(same):>9}  " + " ".join(f"{a:.2f}" for a in total.accept_at))

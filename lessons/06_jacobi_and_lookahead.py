@@ -19,7 +19,6 @@ File: minispec/drafters/jacobi.py (jacobi_solve, the Jacobi drafter, Lookahead a
 import torch
 
 from common import lesson, prompts, run, section, show_mask
-from decode import add_stats
 from minispec import generate, make_drafter, masks
 from minispec.drafters.jacobi import jacobi_solve
 from minispec.speculative import Stats
@@ -63,7 +62,7 @@ def main():
         total, same = Stats(), True
         for p in test_prompts:
             r = generate(model, p, 48, drafter)
-            add_stats(total, r.stats)
+            total.add(r.stats)
             same &= r.tokens == generate(model, p, 48).tokens
         print(f"{method:<10} {total.tau:>5.2f} {total.alpha:>5.2f}  {str(same):>9}  "
               + " ".join(f"{a:.2f}" for a in total.accept_at))

@@ -22,7 +22,6 @@ import numpy as np
 import torch
 
 from common import lesson, prompts, run, section, show_mask
-from decode import add_stats
 from minispec import generate, make_drafter, masks
 from minispec.speculative import Stats
 
@@ -43,7 +42,7 @@ def decode(model, ckpt, method, test_prompts, **options):
     drafter = make_drafter(method, model, ckpt=ckpt, k=K, **options)
     total = Stats()
     for p in test_prompts:
-        add_stats(total, generate(model, p, 48, drafter).stats)
+        total.add(generate(model, p, 48, drafter).stats)
     return total, drafter
 
 

@@ -34,7 +34,7 @@ def main():
             f"(the full benchmark: python decode.py)")
     args = Namespace(method="all", ckpt=ckpt, k=K, max_new_tokens=NEW_TOKENS, temperature=0.0, top_k=None, seed=0,
                      beta=None, tau=None)
-    rows = decode_all(args, model, tok, test_prompts)
+    rows = decode_all(args, model, tok, test_prompts, static=None)
     best = max((r for r in rows if r["method"] != "ar"), key=lambda r: r["tau"])
     print(f"\nmeasured: the highest tau is {best['method']}'s ({best['tau']:.2f}); every method identical to greedy: "
           f"{all(r['identical_to_ar'] for r in rows)}")

@@ -142,6 +142,19 @@ class Stats:
     def tokens_per_s(self):
         return self.new_tokens / max(self.total_s, 1e-9)
 
+    def add(self, other):
+        """Add another run's statistics to these (totals over several prompts)."""
+        for name in ("new_tokens", "target_forwards", "proposed", "accepted", "draft_s", "verify_s", "total_s"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for depth, (tried, accepted) in enumerate(zip(other.tried_at, other.accepted_at)):
+            if depth == len(self.tried_at):
+                self.tried_at.append(0)
+                self.accepted_at.append(0)
+            self.tried_at[depth] += tried
+            self.accepted_at[depth] += accepted
+        for length, n in other.accepted_lengths.items():
+            self.accepted_lengths[length] = self.accepted_lengths.get(length, 0) + n
+
     def record(self, depth, accepted, emitted):
         self.target_forwards += 1
         self.new_tokens += emitted
