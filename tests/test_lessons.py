@@ -26,6 +26,8 @@ KEY_LINES = {  # lesson number -> patterns its output must match
     "05": [r"^mask +1 .* True", r"^blockwise .* True", r"^draft_model .* True"],
     "06": [r"the fixed point equals greedy decoding: True", r"^lookahead .* True", r"lookahead pool holds \d+"],
     "07": [r"^ +1 +\d\.\d\d +\d\.\d\d +\d\.\d\d +\d\.\d\dx$", r"layer 0: skip attn", r"runs \d+ of \d+ sub-layers"],
+    "08": [r"^ar +static tokens == plain tokens: True", r"^mask +static tokens == plain tokens: True",
+           r"\d+ recordings", r"^T=1: plain \d\.\d+ ms"],
     "09": [r"every method identical to greedy: True", r"^ar +0 +1\.00"],
 }
 
