@@ -196,7 +196,7 @@ def main():
     check_args(args, model, prompts)
     mode = forwards(args, device)
     static = None if mode == "plain" else StaticForwards(graphs=mode == "graphs")
-    print(f"device {device}, forwards: {mode}", file=sys.stderr)
+    print(f"device {device}, forwards: {mode}")
     if args.method == "all":
         rows = decode_all(args, model, tok, prompts, static)
     else:
