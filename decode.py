@@ -196,8 +196,8 @@ def main():
     check_args(args, model, prompts)
     mode = forwards(args, device)
     static = None if mode == "plain" else StaticForwards(graphs=mode == "graphs")
-    print(f"device {device}, forwards: {mode}")
     if args.method == "all":
+        print(f"device {device}, forwards: {mode}")
         rows = decode_all(args, model, tok, prompts, static)
     else:
         rows = [decode_one(args, model, tok, prompts[0], static)]
