@@ -53,13 +53,17 @@ def accept_sampled(draft, q, p, generator):
         q_d = 1.0 if q is None else q[i, d]
         if u[i] * q_d < p[i, d]:  # u < p/q without dividing by a zero q
             continue
-        if q is None:  # one-hot q: max(0, p - q) is p with d zeroed
-            residual = p[i].clone()
-            residual[d] = 0.0
-        else:
-            residual = (p[i] - q[i]).clamp_(min=0.0)
-        return i, sample(residual / residual.sum(), generator)
+        one_hot = torch.zeros_like(p[i])  # the q of a draft chosen deterministically
+        one_hot[d] = 1.0
+        return i, sample(residual(p[i], one_hot if q is None else q[i]), generator)
     return k, sample(p[k], generator)
+
+
+def residual(p, q):
+    """norm(max(0, p - q)) over the vocabulary (V,): what is sampled at a rejection. Where q is
+    one-hot on the rejected draft, it is p with that token removed."""
+    r = (p - q).clamp(min=0.0)
+    return r / r.sum()
 
 
 def accept_candidates(tokens, paths, p, generator):

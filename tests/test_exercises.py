@@ -217,12 +217,6 @@ Q = torch.tensor([[0.1, 0.1, 0.2, 0.6]])  # a poor drafter's q_1
 SAMPLES = 8000
 
 
-def reference_residual(p, q):
-    """minispec computes the residual inside verify.accept_sampled; this is that line."""
-    r = (p - q).clamp(min=0.0)
-    return r / r.sum()
-
-
 def check_residual(residual):
     got = residual(P[0], Q[0])
     assert torch.allclose(got, torch.tensor([0.8, 0.2, 0.0, 0.0]), atol=1e-6), got
@@ -271,7 +265,7 @@ def wrong_bonus(draft, q, p, generator):  # after full acceptance, samples the b
 
 
 def test_step3_reference():
-    check_residual(reference_residual)
+    check_residual(verify.residual)
     check_accept_sampled(verify.accept_sampled)
 
 
