@@ -18,7 +18,7 @@ import torch
 from minispec import checkpoint
 from minispec.cli import Parser, pick_device, run
 from minispec.data import cached_encode, read_corpus
-from minispec.drafters.blockwise import TEACHERS as HEAD_TEACHERS, head_agreement, save_heads, train_heads
+from minispec.drafters.blockwise import TEACHERS as HEAD_TEACHERS, head_accuracy, save_heads, train_heads
 from minispec.drafters.draft_model import TEACHERS, train_draft_model
 from minispec.drafters.layerskip import save_search, train_layerskip
 from minispec.drafters.mask_drafter import TEACHERS as MASK_TEACHERS, mask_agreement, save_drafter, train_mask_drafter
@@ -39,17 +39,18 @@ class Preset:
     bpe_bytes: int  # how much of it the tokenizer is trained on
     draft_steps: int
     heads_steps: int
-    n_heads: int = 8  # blockwise heads trained; decoding may use any k up to this
+    n_heads: int = 12  # blockwise heads trained; decoding may use any k up to this
+    heads_seqs: int = 512  # windows (greedy continuations) the blockwise heads learn from
     mask_steps: int = 300  # [M]-token drafter training steps (k up to 12)
 
 
 PRESETS = {
     "test": Preset(GPTConfig(block_size=128, vocab_size=384, n_layer=4, n_head=2, n_embd=48),
                    steps=150, batch_size=8, lr=3e-3, corpus_bytes=300_000, bpe_bytes=100_000, draft_steps=60,
-                   heads_steps=30, mask_steps=40),
+                   heads_steps=30, heads_seqs=32, mask_steps=40),
     "cpu": Preset(GPTConfig(block_size=256, vocab_size=2048, n_layer=6, n_head=4, n_embd=128),
                   steps=400, batch_size=16, lr=2e-3, corpus_bytes=None, bpe_bytes=3_000_000, draft_steps=200,
-                  heads_steps=120),
+                  heads_steps=600, heads_seqs=1024),
     "gpu": Preset(GPTConfig(block_size=512, vocab_size=4096, n_layer=8, n_head=8, n_embd=512),
                   steps=3000, batch_size=32, lr=1e-3, corpus_bytes=None, bpe_bytes=6_000_000, draft_steps=1500,
                   heads_steps=1000, mask_steps=1500),
@@ -154,14 +155,16 @@ def train_blockwise(args, preset, target, train_ids, val_ids, out):
     """Blockwise heads on the frozen target; with --heads-teacher compare, the teacher whose heads
     promise the longer accepted block on held-out text is kept."""
     teachers = HEAD_TEACHERS if args.heads_teacher == "compare" else (args.heads_teacher,)
-    heads = {t: train_heads(target, train_ids, preset.n_heads, preset.heads_steps, preset.batch_size // 2,
-                            preset.lr, t, seed=args.seed) for t in teachers}
-    agreement = {t: head_agreement(h, target, val_ids) for t, h in heads.items()}
-    best = max(agreement, key=lambda t: expected_accepted(agreement[t]))
-    for t, a in agreement.items():
-        print(f"blockwise heads ({t}): agreement per head {[round(x, 3) for x in a]}, "
-              f"expected accepted drafts {expected_accepted(a):.2f}")
-    save_heads(out / "blockwise.pt", heads[best], meta={"teacher": best, "agreement": agreement})
+    positions = preset.batch_size * preset.model.block_size // 16  # per step; the target never runs in a step
+    heads = {t: train_heads(target, train_ids, preset.n_heads, preset.heads_steps, positions, 1.5 * preset.lr, t,
+                            preset.heads_seqs, seed=args.seed) for t in teachers}
+    acc = {t: head_accuracy(h, target, val_ids) for t, h in heads.items()}  # t -> (n_heads, RANKS)
+    best = max(acc, key=lambda t: expected_accepted(acc[t][:, 0].tolist()))
+    for t, a in acc.items():
+        print(f"blockwise heads ({t}): agreement per head {[round(x, 3) for x in a[:, 0].tolist()]}, "
+              f"expected accepted drafts {expected_accepted(a[:, 0].tolist()):.2f}")
+    save_heads(out / "blockwise.pt", heads[best], acc[best],
+               meta={"teacher": best, "acc": {t: a.tolist() for t, a in acc.items()}})
     print(f"saved {out / 'blockwise.pt'} (teacher {best!r})")
 
 

@@ -1,8 +1,10 @@
-"""Blockwise heads: proposals come for free from the verification forward."""
+"""Blockwise heads: proposals come for free from the verification forward; the candidate tree."""
 
 import pytest
+import torch
 
 import minispec
+from minispec.drafters.blockwise import tree_draft, tree_nodes
 from minispec.speculative import generate
 
 
@@ -23,3 +25,26 @@ def test_more_heads_than_trained_is_a_clear_error(tiny, tiny_ckpt):
     model, _ = tiny
     with pytest.raises(minispec.MinispecError, match="k=99"):
         minispec.make_drafter("blockwise", model, ckpt=tiny_ckpt, k=99)
+
+
+def test_twelve_heads_are_trained(tiny, tiny_ckpt):
+    model, _ = tiny
+    drafter = minispec.make_drafter("blockwise", model, ckpt=tiny_ckpt, k=12)
+    assert generate(model, [10, 11, 12, 13], 20, drafter).tokens == generate(model, [10, 11, 12, 13], 20).tokens
+
+
+def test_tree_keeps_the_likeliest_nodes_and_each_sees_its_ancestors():
+    acc = torch.tensor([[0.6, 0.2, 0.1], [0.5, 0.3, 0.1]])  # (heads, ranks)
+    nodes = tree_nodes(acc, k=2, size=4)
+    # scores: (0,) .6, (0,0) .3, (1,) .2, (0,1) .18, (2,) .1, (1,0) .1, ...
+    assert nodes == [(0,), (1,), (0, 0), (0, 1)]
+    draft, head, rank = tree_draft(nodes)
+    assert draft.depth.tolist() == [1, 1, 2, 2] and head.tolist() == [0, 0, 1, 1] and rank.tolist() == [0, 1, 0, 1]
+    assert draft.paths == [[0, 2], [0, 1, 3], [0, 1, 4]]
+    expected = torch.tensor([[1, 0, 0, 0, 0],   # x_t
+                             [1, 1, 0, 0, 0],   # (0,)
+                             [1, 0, 1, 0, 0],   # (1,)
+                             [1, 1, 0, 1, 0],   # (0, 0)
+                             [1, 1, 0, 0, 1]],  # (0, 1)
+                            dtype=torch.bool)
+    assert torch.equal(draft.mask, expected)

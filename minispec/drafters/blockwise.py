@@ -1,7 +1,7 @@
 """Blockwise parallel decoding: k extra heads on the target's last hidden state ("shared attention").
 
 Stern, Shazeer & Uszkoreit, "Blockwise Parallel Decoding for Deep Autoregressive Models"
-(NeurIPS 2018); the head design of Medusa (Cai et al. 2024). ALGORITHMS.md §2.
+(NeurIPS 2018); the head form and the candidate tree of Medusa (Cai et al. 2024). ALGORITHMS.md §2.
 
 The idea. The target's final hidden state h_t at the last accepted token already holds a lot
 about the tokens after the next one. Train small heads on it: the model's own LM head predicts
@@ -15,30 +15,60 @@ the [M]-token drafter, where every drafted position has its own query.
      └───► head k   ──► d_k = x_{t+k+1}
 
 Predict, verify, accept, with combined scoring and proposal: the verification forward over
-[x_t, d_1..d_k] already yields the target's hidden state at every block position. The hidden
+[x_t, drafts] already yields the target's hidden state at every block position. The hidden
 state at the last ACCEPTED position is exactly h for the next step, so the next proposal costs
 the heads only, never an extra target forward: one target call per step (observe() does it).
 The very first step has no hidden state for x_t yet, so it proposes nothing.
 
-The heads. Two forms are here, both on the target's frozen, shared vocabulary projection:
-- "t2t" (default; tensor2tensor's transformer_parallel): one feed-forward layer of width k*4C
-  produces k vectors at once, each added to h and layer-normalised.
-- "medusa": head i is h + SiLU(W_i h + b_i), W_i zero-initialised so every head starts as the
-  LM head itself.
-On the default CPU checkpoint, 8 heads trained 150 steps on greedy continuations agreed with the
-target's greedy tokens 66-73% of the time per head in the t2t form and 53-65% in the Medusa
-form (head_agreement on held-out text): the t2t form's wide shared layer is worth its cost.
+The heads. Head i maps (h, e) to h + W_i [h; e] + b_i and then through the target's own (tied,
+frozen) vocabulary projection, where e holds the embeddings of the newest N_TOKENS tokens:
+x_{t+1} (the target's own choice after h_t, known when the heads run) and the 4 before it. W_i
+starts at zero, so every head starts as the LM head. All k heads are ONE batched matmul, about
+0.1 ms, a sixth of a one-token target forward on one CPU thread. Measured on the default CPU
+checkpoint (greedy, the 8 held-out prompts, tau at k = 4 / 8 with a 16-node tree; heads trained
+300 steps of 512 positions on 480 greedy continuations unless said otherwise):
+    Medusa's block, h + SiLU(W_i h + b_i)                       2.08 / 2.22
+    ... reading e = [x_{t+1}] too                               2.20 / 2.31
+    linear, h + W_i [h; e] + b_i, e = [x_{t+1}]                 2.46 / 2.61
+    linear, h only                                              2.18 / 2.26
+    two layers, h + V_i SiLU(W_i [h; e] + b_i)                  2.34 / 2.59
+    linear, corpus teacher instead of greedy                    1.93 / 1.93
+    linear, 600 steps                                           2.56 / 2.69
+    linear, 600 steps on 1024 continuations                     2.98 / 3.35   (more data: the big lever)
+    ... 256 positions a step, e = the newest 1 / 3 / 5 tokens   3.00 / 3.13, 3.04 / 3.54, 3.26 / 3.78
+With 8 tokens tau barely moves (3.21 / 4.00 against 3.17 / 3.78 for 5, at trees of 6 / 12 nodes).
+The default (train_tiny.py: 12 heads, 5 tokens, 1024 continuations, 600 steps of 256; the
+8-node tree) gives tau 2.57 / 3.21 / 3.47 / 3.20 at k = 2 / 4 / 6 / 8.
+Why the linear map with tokens wins: the target's greedy text falls into loops ("tititi",
+"_CUT_CUT"), and a head that copies a token it sees generalises to tokens it rarely trained on,
+where a SiLU (which zeroes half its inputs) or a head that sees only h cannot. The
+tensor2tensor form (one shared feed-forward layer of width k*4C) was not worth it: at 5 M
+parameters (3x the target) it cost 1.1 ms per proposal, more than the forward it saves.
+
+The tree (greedy decoding). A head's second or third choice is often right when its first is
+not, so instead of one chain the drafter proposes a small tree of the heads' top choices and
+the ONE verification forward scores all of it (each node sees the prefix, the root and its
+ancestors; its position is t + depth). A node is a tuple of ranks (r_1..r_d): head j's r_j-th
+choice at depth j. As Medusa does, the tree keeps the `tree_size` nodes with the highest
+estimated chance of being accepted, prod_j acc[j, r_j], where acc[i, r] is how often head i's
+r-th choice was the target's greedy token on held-out text (measured after training, saved with
+the heads). On a CPU a block is NOT free: one thread pays about 0.6 ms + 0.07 ms per block token
+(1.0 ms for 5 tokens, 1.7 ms for 17), so the default tree is small (8 nodes): larger trees
+raise tau but not the speed.
 
 Training (train_heads): the target is frozen; heads learn with cross-entropy to predict
-token t+1+i from h_t. What they learn from (`teacher`): the corpus shifted by i+1, or the
-target's own greedy continuations (self-distillation, which matches what decoding will see).
-`train_tiny.py --heads-teacher compare` trains both and keeps the one with the higher measured
-agreement with the target's greedy choices.
+token t+1+i from h_t. What they learn from (`teacher`): the corpus, or the target's own greedy
+continuations (self-distillation: what greedy verification accepts; 1.93 against 2.46 above).
+The target's hidden states are computed once for the whole training set, so a step costs the
+heads and the vocabulary projection only. `train_tiny.py --heads-teacher compare` trains both
+and keeps the better.
 
-Sampling: a head's softmax (at the decoding temperature) is q, the distribution its draft is
-drawn from; speculative sampling then keeps the target's distribution exactly.
+Sampling: the tree is for greedy decoding only. With sampling the drafter proposes one chain,
+each head's softmax (at the decoding temperature) being q, the distribution its draft is drawn
+from; speculative sampling then keeps the target's distribution exactly.
 """
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -46,145 +76,185 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import checkpoint, masks
-from ..data import get_batch
 from ..errors import MinispecError
 from ..speculative import Draft, Drafter
 from ..train import fit, greedy_continuations
 
-
-class MedusaHeads(nn.Module):
-    def __init__(self, n_embd, n_heads):
-        super().__init__()
-        self.proj = nn.ModuleList(nn.Linear(n_embd, n_embd) for _ in range(n_heads))
-        for p in self.proj:
-            nn.init.zeros_(p.weight)  # each head starts as the identity: the LM head's own guess
-
-    def forward(self, h):  # h (..., C) -> (n_heads, ..., C)
-        return torch.stack([h + F.silu(p(h)) for p in self.proj])
-
-
-class T2THeads(nn.Module):
-    def __init__(self, n_embd, n_heads):
-        super().__init__()
-        self.n_heads = n_heads
-        self.up = nn.Linear(n_embd, n_heads * 4 * n_embd)
-        self.down = nn.Linear(n_heads * 4 * n_embd, n_heads * n_embd)
-        self.ln = nn.LayerNorm(n_embd)
-
-    def forward(self, h):  # h (..., C) -> (n_heads, ..., C)
-        out = self.down(F.relu(self.up(h))).unflatten(-1, (self.n_heads, -1))  # (..., n_heads, C)
-        return self.ln(h.unsqueeze(-2) + out).movedim(-2, 0)
-
-
-FORMS = {"t2t": T2THeads, "medusa": MedusaHeads}
 TEACHERS = ("corpus", "greedy")
+RANKS = 4  # the tree draws on each head's top RANKS tokens
+N_TOKENS = 5  # the heads see the embeddings of the newest 5 tokens besides h_t
 
 
-def head_logits(heads, target, hidden):
-    """hidden (..., C) the target's final hidden states -> (n_heads, ..., V) via the shared LM head."""
-    return target.lm_head(heads(hidden))
+class Heads(nn.Module):
+    """n_heads heads, head i: (h, e) -> h + W_i [h; e] + b_i, all computed in one batched matmul.
+
+    h is the target's final hidden state at x_t; e the embeddings of the last n_tokens tokens,
+    newest first: x_{t+1} (the target's own choice after h), x_t, ... W_i starts at zero, so every
+    head starts as the LM head itself."""
+
+    def __init__(self, n_embd, n_heads, n_tokens=N_TOKENS):
+        super().__init__()
+        self.n_tokens = n_tokens
+        self.weight = nn.Parameter(torch.zeros(n_heads, (1 + n_tokens) * n_embd, n_embd))
+        self.bias = nn.Parameter(torch.zeros(n_heads, 1, n_embd))
+
+    def forward(self, h, e):  # h (..., C), e (..., n_tokens, C) -> (n_heads, ..., C)
+        C = h.size(-1)
+        x = torch.cat([h, e.flatten(-2)], -1).reshape(1, -1, self.weight.size(1))  # (1, N, (1+n_tokens)C)
+        out = h.reshape(1, -1, C) + torch.baddbmm(self.bias, x.expand(len(self.weight), -1, -1), self.weight)
+        return out.view(len(self.weight), *h.shape)
+
+
+def head_logits(heads, target, hidden, tokens):
+    """hidden (..., C) the target's final hidden states, tokens (..., n_tokens) the target's next token
+    there, then the ones before it -> (n_heads, ..., V) through the target's own vocabulary projection."""
+    return target.lm_head(heads(hidden, target.transformer.wte(tokens)))
+
+
+def tree_nodes(acc, k, size):
+    """The `size` most promising rank tuples of depth <= k, parents before children (by depth).
+
+    acc (n_heads, RANKS): acc[i, r] how often head i's r-th choice is right. A node's score is
+    the product of acc along it; a parent never scores below its child, so the set is a tree."""
+    nodes, frontier = [], [((), 1.0)]
+    while frontier and len(nodes) < size:  # best-first search over rank tuples
+        node, score = max(frontier, key=lambda f: f[1])
+        frontier.remove((node, score))
+        if node:
+            nodes.append(node)
+        if len(node) < k:
+            frontier += [(node + (r,), score * float(acc[len(node), r])) for r in range(acc.size(1))]
+    return sorted(nodes, key=len)
+
+
+def tree_draft(nodes):
+    """nodes from tree_nodes -> (Draft with placeholder tokens, (n,) head index, (n,) rank) of each
+    node: the tree's shape, fixed for a drafter; each step only fills in the tokens."""
+    index = {node: i + 1 for i, node in enumerate(nodes)}  # block index; the root x_t is 0
+    mask = torch.eye(len(nodes) + 1, dtype=torch.bool)
+    mask[:, 0] = True
+    for node, i in index.items():  # a node sees the root, its ancestors and itself
+        for d in range(1, len(node)):
+            mask[i, index[node[:d]]] = True
+    leaves = [node for node in nodes if not any(other[:-1] == node for other in nodes)]
+    paths = [[0] + [index[leaf[:d]] for d in range(1, len(leaf) + 1)] for leaf in leaves]
+    depth = torch.tensor([len(node) for node in nodes], dtype=torch.long)  # (n,)
+    rank = torch.tensor([node[-1] for node in nodes], dtype=torch.long)  # (n,)
+    return Draft(torch.zeros_like(depth), depth, mask, paths or [[0]]), depth - 1, rank
 
 
 class Blockwise(Drafter):
-    def __init__(self, target, heads, k):
-        if k > heads_count(heads):
-            raise MinispecError(f"blockwise was trained with {heads_count(heads)} heads; k={k} asks for more")
-        self.target, self.heads, self.k = target, heads, k
+    def __init__(self, target, heads, acc, tree_size):
+        self.target, self.heads, self.k = target, heads, len(heads.weight)
+        self.tree, self.node_head, self.node_rank = tree_draft(tree_nodes(acc, self.k, tree_size))
         self.hidden = None  # the target's hidden state at the last accepted token
 
     def start(self, prompt, cache):
         self.hidden = None
 
     def propose(self, seq, room, sampling):
-        k = min(self.k, room)
-        if self.hidden is None or k <= 0:
+        if self.hidden is None or room <= 0:
             return Draft.chain([])
-        logits = head_logits(self.heads, self.target, self.hidden)[:k]  # (k, V)
-        if sampling.temperature == 0:
-            return Draft.chain(logits.argmax(-1))
-        q = sampling.probs(logits)  # (k, V)
+        recent = seq[:-self.heads.n_tokens - 1:-1]  # x_{t+1}, x_t, ... newest first
+        recent += recent[-1:] * (self.heads.n_tokens - len(recent))  # a short prompt: repeat its first token
+        tokens = torch.tensor(recent, device=self.hidden.device)  # (n_tokens,)
+        logits = head_logits(self.heads, self.target, self.hidden, tokens)  # (k, V)
+        if sampling.temperature == 0:  # the tree; the loop trims it to `room`
+            top = logits.topk(RANKS, -1).indices.cpu()  # (k, RANKS)
+            return replace(self.tree, tokens=top[self.node_head, self.node_rank])
+        k = min(self.k, room)
+        q = sampling.probs(logits[:k])  # (k, V)
         return Draft.chain(torch.multinomial(q, 1, generator=sampling.generator).flatten(), q)
 
     def observe(self, step):
         self.hidden = step.hidden[step.path[-1]]  # (C,): the verification forward already computed it
 
 
-def heads_count(heads):
-    return len(heads.proj) if isinstance(heads, MedusaHeads) else heads.n_heads
+def save_heads(path, heads, acc, meta):
+    checkpoint.save(path, "blockwise", n_heads=len(heads.weight), n_tokens=heads.n_tokens,
+                    heads=heads.state_dict(), acc=acc, meta=meta)
 
 
-def save_heads(path, heads, meta):
-    form = next(name for name, cls in FORMS.items() if isinstance(heads, cls))
-    checkpoint.save(path, "blockwise", form=form, n_heads=heads_count(heads), heads=heads.state_dict(), meta=meta)
-
-
-def make(model, ckpt=None, k=4, untrained=False):
+def make(model, ckpt=None, k=4, untrained=False, tree_size=8):
+    """k: heads used (the tree's depth). tree_size: drafted tokens per step with greedy decoding."""
     device = next(model.parameters()).device
     if untrained:  # random heads: a deliberately poor drafter, for tests
+        heads = Heads(model.config.n_embd, k)
         with torch.random.fork_rng():
             torch.manual_seed(0)
-            return Blockwise(model, T2THeads(model.config.n_embd, k).to(device).eval(), k)
+            nn.init.normal_(heads.weight, std=0.5)
+        acc = 0.5 ** torch.arange(1, RANKS + 1).repeat(k, 1)  # (k, RANKS) a made-up accuracy
+        return Blockwise(model, heads.to(device).eval(), acc, tree_size)
     if ckpt is None:
         raise MinispecError("blockwise needs trained heads: make them with `python train_tiny.py`")
     state = checkpoint.load(Path(ckpt) / "blockwise.pt", "blockwise", device)
-    heads = FORMS[state["form"]](model.config.n_embd, state["n_heads"])
-    heads.load_state_dict(state["heads"])
-    return Blockwise(model, heads.to(device).eval(), k)
+    if k > state["n_heads"]:
+        raise MinispecError(f"blockwise was trained with {state['n_heads']} heads; k={k} asks for more")
+    heads = Heads(model.config.n_embd, k, state["n_tokens"])
+    heads.load_state_dict({name: w[:k] for name, w in state["heads"].items()})  # the first k heads
+    return Blockwise(model, heads.to(device).eval(), state["acc"][:k].cpu(), tree_size)
 
 
-def heads_loss(heads, target, x, y, generator):
-    """Mean cross-entropy of the heads: head i at position t predicts x[t + 2 + i] = y[t + 1 + i].
-
-    x (B, T) token ids and y (B, T) the same shifted by one. The heads' vocabulary projections
-    dominate the cost, so they are scored on a random quarter of the positions only.
-    """
-    B, T = x.shape
-    n = heads_count(heads)
-    with torch.no_grad():
-        _, hidden = target(x, torch.arange(T, device=x.device), masks.causal(T, x.device))  # (B, T, C)
-    t = torch.randperm(T - n - 1, generator=generator)[: T // 4].to(x.device)  # (P,) positions scored
-    logits = head_logits(heads, target, hidden[:, t])  # (n, B, P, V)
-    labels = torch.stack([y[:, t + 1 + i] for i in range(n)])  # (n, B, P)
-    return F.cross_entropy(logits.flatten(0, 2), labels.flatten())
+def recent_positions(t, n):
+    """t (P,) positions -> (P, n) the positions of the tokens the heads see there: t+1, t, ..., t+2-n."""
+    return (t[:, None] + 1 - torch.arange(n, device=t.device)).clamp(min=0)
 
 
 @torch.no_grad()
-def head_agreement(heads, target, ids, batch_size=8, batches=4, seed=1234):
-    """Per head: how often its argmax equals the target's greedy token that far ahead, on
-    held-out windows where the target generated the text itself (as it does while decoding)."""
-    target_ids = greedy_continuations(target, ids, n_seqs=batch_size * batches, batch_size=batch_size,
-                                      seed=seed, log=lambda line: None)
+def hidden_states(target, seqs, batch_size=32):
+    """seqs (N, T) token ids -> (N, T, C) the frozen target's final hidden states."""
+    T = seqs.size(1)
+    pos, mask = torch.arange(T, device=seqs.device), masks.causal(T, seqs.device)
+    return torch.cat([target(x, pos, mask)[1] for x in seqs.split(batch_size)])
+
+
+def training_windows(target, ids, n_seqs, teacher, seed):
+    """(N, T) windows to learn from, and the first position whose labels are all worth learning:
+    the corpus, or the target's greedy continuations of corpus prefixes (labels past the prefix)."""
     T = target.config.block_size
-    n = heads_count(heads)
-    same, count = torch.zeros(n), torch.zeros(n)
-    for b in range(batches):
-        x = torch.as_tensor(target_ids[b * batch_size * (T + 1):(b + 1) * batch_size * (T + 1)].astype("int64"))
-        x = x.view(batch_size, T + 1)[:, :T].to(next(target.parameters()).device)
-        _, hidden = target(x, torch.arange(T, device=x.device), masks.causal(T, x.device))
-        guess = head_logits(heads, target, hidden).argmax(-1)  # (n, B, T)
-        start = T // 4  # score only the generated part, past the corpus prefix
-        for i in range(n):
-            shift = i + 2
-            same[i] += (guess[i, :, start:T - shift] == x[:, start + shift:]).float().sum().item()
-            count[i] += guess[i, :, start:T - shift].numel()
-    return (same / count).tolist()
-
-
-def train_heads(target, train_ids, n_heads, steps, batch_size, lr, teacher="greedy", form="t2t",
-                log=print, seed=0):
-    """Train n_heads heads on the frozen target. teacher: "corpus" or "greedy" (self-distillation)."""
     device = next(target.parameters()).device
+    if teacher == "greedy":
+        prefix = min(32, T // 4)  # greedy_continuations' default prefix
+        seqs = greedy_continuations(target, ids, n_seqs=n_seqs, seed=seed, log=lambda line: None)
+        return torch.as_tensor(seqs.astype("int64")).view(n_seqs, T + 1)[:, :T].to(device), prefix - 1
+    starts = torch.randint(len(ids) - T, (n_seqs,), generator=torch.Generator().manual_seed(seed))
+    return torch.stack([torch.as_tensor(ids[s:s + T].astype("int64")) for s in starts.tolist()]).to(device), 0
+
+
+@torch.no_grad()
+def head_accuracy(heads, target, ids, n_seqs=64, new_tokens=128, seed=1234):
+    """(n_heads, RANKS): how often head i's r-th choice is the target's greedy token i+2 ahead, over
+    the first new_tokens generated tokens of held-out greedy continuations (as while decoding)."""
+    seqs, first = training_windows(target, ids, n_seqs, "greedy", seed)
+    n = len(heads.weight)
+    t = torch.arange(first, min(first + new_tokens, seqs.size(1) - n - 1), device=seqs.device)  # (P,)
+    tokens = seqs[:, recent_positions(t, heads.n_tokens)]  # (N, P, n_tokens)
+    logits = head_logits(heads, target, hidden_states(target, seqs)[:, t], tokens)  # (n, N, P, V)
+    top = logits.topk(RANKS, -1).indices  # (n, N, P, RANKS)
+    labels = torch.stack([seqs[:, t + 2 + i] for i in range(n)])  # (n, N, P)
+    return (top == labels[..., None]).float().mean((1, 2)).cpu()
+
+
+def train_heads(target, train_ids, n_heads, steps, batch_size, lr, teacher="greedy", n_seqs=512,
+                log=print, seed=0):
+    """Train n_heads heads on the frozen target from n_seqs windows; batch_size positions a step.
+    teacher: "corpus" or "greedy" (self-distillation)."""
     target.requires_grad_(False)  # the base stays frozen; only the heads learn
-    heads = FORMS[form](target.config.n_embd, n_heads).to(device)
-    if teacher == "greedy":  # about one generated sequence per two training windows
-        train_ids = greedy_continuations(target, train_ids, n_seqs=min(512, steps * batch_size // 2), log=log)
-    T = target.config.block_size
+    log(f"blockwise heads ({teacher}): preparing {n_seqs} training windows")
+    seqs, first = training_windows(target, train_ids, n_seqs, teacher, seed)  # (N, T)
+    hidden = hidden_states(target, seqs)  # (N, T, C), once: the heads never change it
+    heads = Heads(target.config.n_embd, n_heads).to(seqs.device)
+    T = seqs.size(1)
     generator = torch.Generator().manual_seed(seed)
 
     def batch_loss(step):
-        x, y = get_batch(train_ids, batch_size, T, generator)
-        return heads_loss(heads, target, x.to(device), y.to(device), generator)
+        s = torch.randint(len(seqs), (batch_size,), generator=generator).to(seqs.device)  # (B,)
+        t = torch.randint(first, T - n_heads - 1, (batch_size,), generator=generator).to(seqs.device)  # (B,)
+        tokens = seqs[s[:, None], recent_positions(t, heads.n_tokens)]  # (B, n_tokens)
+        logits = head_logits(heads, target, hidden[s, t], tokens)  # (n_heads, B, V)
+        labels = torch.stack([seqs[s, t + 2 + i] for i in range(n_heads)])  # (n_heads, B)
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten())
 
-    fit(heads.parameters(), batch_loss, steps, lr, batch_size * T, label=f"blockwise heads ({teacher})", log=log)
+    fit(heads.parameters(), batch_loss, steps, lr, batch_size, label=f"blockwise heads ({teacher})", log=log)
     target.requires_grad_(True)
     return heads.eval()
