@@ -40,7 +40,7 @@ class Preset:
     draft_steps: int
     heads_steps: int
     n_heads: int = 8  # blockwise heads trained; decoding may use any k up to this
-    mask_steps: int = 600  # [M]-token drafter training steps (k up to 12)
+    mask_steps: int = 1000  # [M]-token drafter training steps (k up to 12)
 
 
 PRESETS = {

@@ -59,20 +59,25 @@ glat_loss.py: a no-grad pass first; in each group (#wrong * p) random [M]s are s
 true tokens and the loss is taken on the others). The drafter (ONE layer, the target's width)
 starts from the target's embeddings, final norm and lowest layer. `train_tiny.py --mask-teacher
 compare` keeps the teacher with the higher tau when greedy decoding is replayed on held-out
-greedy text (mask_agreement). Default "greedy", measured on the default CPU checkpoint
-(replay tau at k=12, one seed each, 600 steps unless said): 128 sequences 2.77, 256: 3.10-3.22,
-512: 3.37 (but 70 s more to generate); half corpus, half greedy 2.06; two layers 2.95 (and
-twice the draft cost); 300 steps 1.89, no prefix loss (900 steps) 2.19.
+greedy text (mask_agreement). Default "greedy", 1000 steps on 384 sequences (75 s at 2 threads).
+Measured on the default CPU checkpoint (replay tau at k=12, one seed each): 600 steps on 128
+sequences 2.77, on 256 3.10-3.22, on 512 3.37; 1000 on 384 3.85; 1500 on 512 4.98 (121 s);
+half corpus, half greedy 2.06 and two layers 2.95 (600 on 256; two layers also cost twice the
+drafting); no prefix loss (900 on 128) 2.19.
 
-What limits it here (measured; see also the issue notes): the replay tau on held-out greedy
-text (3.1-3.4) is far above decode.py's on its 8 benchmark prompts (about 2): d_1 is right
-about 0.62 of the time at every cut of those 8 continuations, and the prefix rows' own
-next-token guess is right just as often, so the drafter simply does not know the tiny target
-well enough there. Half of the prompts fall into loops the distillation data never showed
-('tititi...', '_CUT_CUT...'), where d_1 is right 0.0-0.5 of the time; a one-layer draft model
-trained on the corpus against the target's full distribution (draft_model.py) gets d_1 right
-0.90 of the time. Two layers or corpus windows did not help within the time budget; more
-greedy sequences did, but they cost time to generate.
+What limits it here (measured). decode.py on its 8 benchmark prompts, greedy, tau at k = 4 /
+8 / 12: 1.96 / 2.03 / 2.05 (the two-layer token-only drafter: 1.59 / 1.68 / 1.73), 0.8-0.9x
+autoregressive. (1) The replay tau on held-out greedy text is far above the benchmark's:
+there d_1 is accepted about 0.45 of the time (right at 0.62 of all cuts), and the prefix
+rows' own next-token guess is right no more often (0.62): the drafter does not know the tiny
+target well enough on those continuations. Half
+of them are loops the distillation data never showed ('tititi...', '_CUT_CUT...', where d_1 is
+right 0.0-0.5 of the time); the draft model, trained on the corpus against the target's full
+distribution, gets d_1 right 0.90 of the time. More greedy sequences and steps help (1500 on
+512: 2.13 / 2.33 / 2.44) but cost time. (2) The cost of a step: at k = 4 one drafter forward
+(1 layer, about 0.5 ms) plus the verification of 5 tokens (1.3 ms) is about 2.5 one-token
+target forwards (0.73 ms) on a 2-core CPU, so 2x needs tau >= 5 = k + 1 at k = 4, about 6
+at k = 8: out of reach for any drafter at this cost (draft_model: tau 4.18, 1.4-1.6x).
 
 Sampling: q_i is the softmax of [M]_i's logits at the decoding temperature and d_i is drawn from
 it, so speculative sampling keeps the target's distribution exactly. SpecDec's relaxed top-beta
@@ -233,7 +238,7 @@ def target_labels(x, y, cuts, k):
 
 
 def train_mask_drafter(target, train_ids, steps, batch_size, lr, teacher="greedy", k_max=12, n_layer=1,
-                       n_cuts=8, n_seqs=256, glance=0.5, prefix_loss=1.0, log=print, seed=0):
+                       n_cuts=8, n_seqs=384, glance=0.5, prefix_loss=1.0, log=print, seed=0):
     """Train an [M]-token drafter for `target`; teacher is one of TEACHERS.
 
     Each step takes batch_size windows of half the context, at random offsets, with n_cuts groups
