@@ -41,7 +41,7 @@ class Preset:
     heads_steps: int
     n_heads: int = 12  # blockwise heads trained; decoding may use any k up to this
     heads_seqs: int = 512  # windows (greedy continuations) the blockwise heads learn from
-    mask_steps: int = 300  # [M]-token drafter training steps (k up to 12)
+    mask_steps: int = 1000  # [M]-token drafter training steps (k up to 12)
 
 
 PRESETS = {

@@ -50,27 +50,30 @@ def test_one_training_forward_equals_one_drafting_step_per_cut():
     """Each [M] group of a training forward gets the logits a decoding step at its cut would."""
     torch.manual_seed(0)
     drafter = mask_drafter.SpecDrafter(minispec.GPTConfig(32, 11, 2, 2, 16), k_max=3).eval()
-    x = torch.randint(11, (2, 20))
+    x, feats = torch.randint(11, (2, 20)), torch.randn(2, 20, 16)
     cuts, k = torch.tensor([4, 9, 17]), 3
     pos, offsets, mask, labels = mask_drafter.mask_token_batch(x, cuts, k)
-    together = drafter(x, pos, offsets, mask)  # (2, 9, V)
+    together = drafter(x, feats, pos, offsets, mask)  # (2, 9, V)
     for j, r in enumerate(cuts.tolist()):
-        alone = drafter(x[:, :r], torch.arange(r + k), torch.arange(k), masks.mask_token_block(r, k))
+        alone = drafter(x[:, :r], feats[:, :r], torch.arange(r + k), torch.arange(k), masks.mask_token_block(r, k))
         assert torch.allclose(together[:, j * k:(j + 1) * k], alone, atol=1e-5)
         assert torch.equal(labels[:, j * k:(j + 1) * k], x[:, r:r + k])
 
 
-def fresh_prefill(gpt, ids):
-    cache = KVCache.for_model(gpt)
-    speculative.prefill(gpt, cache, ids)
+def fresh_prefill(drafter, target, ids):
+    """The drafter's cache after feeding ids at once, with the features of one target forward."""
+    cache = KVCache.for_model(drafter.gpt)
+    x, pos = torch.tensor([ids]), torch.arange(len(ids))
+    feats = mask_drafter.target_outputs(target, x)[0]
+    drafter(x, feats, pos, pos[:0], masks.causal(len(ids)), cache, pos)  # no [M]: just the prefix
     return cache
 
 
 @pytest.mark.parametrize("k", [1, 4, 8])
 def test_cache_is_the_accepted_prefix_after_every_step(k, tiny, tiny_ckpt):
-    """After each step the drafter's cache equals a fresh prefill of the accepted tokens, and the
-    slots behind them (where [M]s were written) never matter: filling them with garbage before
-    every step changes nothing."""
+    """After each step the drafter's cache equals a fresh prefill of the accepted tokens (and their
+    features equal a fresh target forward's), and the slots behind them (where [M]s were written)
+    never matter: filling them with garbage before every step changes nothing."""
     model, _ = tiny
     drafter = minispec.make_drafter("mask", model, ckpt=tiny_ckpt, k=k)
     prompt = [10, 11, 12, 13, 14]
@@ -81,8 +84,10 @@ def test_cache_is_the_accepted_prefix_after_every_step(k, tiny, tiny_ckpt):
     def check_then_poison(step):
         fed = drafter.fed
         assert fed == len(seq)  # every accepted token up to x_t is in the cache ...
-        fresh = fresh_prefill(drafter.drafter.gpt, seq[:fed])
-        assert torch.allclose(drafter.cache.kv[..., :fed, :], fresh.kv[..., :fed, :], atol=1e-5)  # ... as a prefill
+        fresh = fresh_prefill(drafter.drafter, model, seq[:fed])
+        assert torch.allclose(drafter.cache.kv[..., :fed, :], fresh.kv[..., :fed, :], atol=1e-4)  # ... as a prefill
+        assert torch.allclose(drafter.feats[:len(seq)], mask_drafter.target_outputs(model, torch.tensor([seq]))[0][0],
+                              atol=1e-4)
         drafter.cache.kv[..., fed:, :] = 1e3 * torch.randn_like(drafter.cache.kv[..., fed:, :])
         seq.extend(step.emitted)
         checked.append(fed)
@@ -103,7 +108,8 @@ def test_one_drafter_forward_per_step(tiny, tiny_ckpt):
         res = speculative.generate(model, [10, 11, 12, 13], 40, drafter)
     finally:
         hook.remove()
-    assert len(calls) == res.stats.target_forwards  # all k drafts of a step from one forward
+    assert calls[0][1] == 0  # start(): the prompt's prefill, no [M]
+    assert len(calls) - 1 == res.stats.target_forwards  # then all k drafts of a step from one forward
     assert max(shape[1] for shape in calls) == 8  # (1, k, V): the logits of k [M]s
 
 

@@ -26,32 +26,58 @@ no later row sees them (a prefix row only sees slots before its own) and next st
 tokens overwrite them. So after every step the cache holds the accepted prefix exactly as a
 fresh prefill would (tests/test_mask_drafter.py checks this).
 
+The target's features (EAGLE-style conditioning; Li et al., "EAGLE", ICML 2024; Medusa-2 also
+feeds the target's states to its heads). SpecDec's drafter reads tokens only. This one also
+reads, at every prefix token x_j, the target's final hidden state h_{j-1} at the token before
+(the state that predicted x_j): prefix row j is wte(x_j) + fuse(h_{j-1}) + wpe(j). The features
+cost nothing: the verification forward over [x_t, d_1..d_k] already returns h at x_t and every
+accepted draft (Step.hidden), which are exactly the features of the accepted drafts and of the
+bonus token; only the prompt's features take one extra target forward (start). No h exists
+yet for x_t itself (it is computed by the next verification), so d_1 is a real guess.
+The drafter is still SpecDec's: k [M]s, each its own query with its own attention over the
+prefix rows (now features) and the other [M]s, all k drafts from one forward, same mask, same
+cache discipline (the features of the accepted prefix are kept alongside the drafter's cache).
+
 [M] embeddings: one learned vector per offset i (k_max of them), added to the position
-embedding. An offset embedding tells [M]_i directly "you are i ahead", which a shallow drafter
-cannot easily work out from absolute positions alone. Training always uses k_max = 12 [M]s;
-decoding may use any k <= k_max (measured: with 4 or 8 [M]s instead of 12, the acceptance at
-positions 1..k is unchanged, so seeing fewer [M]s costs nothing).
+embedding AND to the input of the last prefix row (wte(x_t) + fuse(h_{t-1})): every [M] query
+starts from what the drafter knows about x_t, as every Medusa head starts from h_t. Without
+that anchor one layer cannot bring x_t into the [M] rows and d_1 stays near a quarter.
+Training always uses k_max = 12 [M]s; decoding may use any k <= k_max (with 4 or 8 [M]s
+instead of 12, the acceptance at positions 1..k is unchanged).
 
 Training (train_mask_drafter): cut a sequence at a random length r, append k [M]s, and take the
-cross-entropy of [M]_i against the token at r+i-1. One forward trains many cuts of the same
-sequence (masks.mask_token_training): each group of k [M]s sees the prefix up to its own cut and
-its own group. `teacher` is what the targets are: "corpus" (the training text) or "greedy" (the
-target's own greedy continuations: sequence-level distillation, what verification will accept).
-Glancing (GLAT, as in SpecDec's glat_loss.py), `glance=p`: a no-grad pass first; in each group
-(#wrong * p) random [M]s are shown as their true tokens and the loss is taken on the others.
-The drafter (2 layers, the target's width) starts from the target's embeddings, final norm and
-lowest layers. `train_tiny.py --mask-teacher compare` trains all three and keeps the one with
-the higher tau when greedy decoding is replayed on held-out text (mask_agreement). On the
-default CPU checkpoint (two seeds, k=12): corpus 1.11 / 1.17, greedy 1.63 / 1.79, glancing
-1.85 / 1.74. Distillation matters (a corpus-trained drafter almost never guesses past d_1: the
-target's greedy text is not the corpus); glancing is within noise of plain distillation and
-costs a third more time, so the default is "greedy".
+cross-entropy of [M]_i against what verification would accept there: the token the target
+writes at r+i-1 after its own greedy text (target_labels). One forward trains many cuts of the
+same sequence (masks.mask_token_training): each group of k [M]s sees the prefix up to its own
+cut and its own group. The prefix rows get a next-token loss against the target's argmax too
+(prefix_loss): they are computed anyway, and [M]_1's row starts from the last one, so this
+trains d_1 on every position instead of n_cuts of them (measured: d_1 0.25 -> 0.60 on replay).
+`teacher`: "corpus" (training-text windows: labels only where the text is what the target
+would have written, so mostly d_1), "greedy" (the target's own greedy continuations, n_seqs of
+them: sequence-level distillation), "glancing" (greedy plus GLAT's glancing, as in SpecDec's
+glat_loss.py: a no-grad pass first; in each group (#wrong * p) random [M]s are shown as their
+true tokens and the loss is taken on the others). The drafter (ONE layer, the target's width)
+starts from the target's embeddings, final norm and lowest layer. `train_tiny.py --mask-teacher
+compare` keeps the teacher with the higher tau when greedy decoding is replayed on held-out
+greedy text (mask_agreement). Default "greedy", 1000 steps on 384 sequences (75 s at 2 threads).
+Measured on the default CPU checkpoint (replay tau at k=12, one seed each): 600 steps on 128
+sequences 2.77, on 256 3.10-3.22, on 512 3.37; 1000 on 384 3.85; 1500 on 512 4.98 (121 s);
+half corpus, half greedy 2.06 and two layers 2.95 (600 on 256; two layers also cost twice the
+drafting); no prefix loss (900 on 128) 2.19.
 
-What limits it here (measured): the tiny target falls into repetition loops
-within a few tokens. An autoregressive drafter continues a loop by chaining its own guesses; an
-[M] drafter must copy "the token i places after the loop's previous turn" for every i at once,
-and two layers learn that only for loops they have seen often (a loop of docstring-quote
-lines is drafted perfectly, a '**kwargs, ' loop is not). So d_1 and d_2 are accepted about a third of the time.
+What limits it here (measured). decode.py on its 8 benchmark prompts, greedy, tau at k = 4 /
+8 / 12: 1.96 / 2.03 / 2.05 (the two-layer token-only drafter: 1.59 / 1.68 / 1.73), 0.8-0.9x
+autoregressive. (1) The replay tau on held-out greedy text is far above the benchmark's:
+there d_1 is accepted about 0.45 of the time (right at 0.62 of all cuts), and the prefix
+rows' own next-token guess is right no more often (0.62): the drafter does not know the tiny
+target well enough on those continuations. Half
+of them are loops the distillation data never showed ('tititi...', '_CUT_CUT...', where d_1 is
+right 0.0-0.5 of the time); the draft model, trained on the corpus against the target's full
+distribution, gets d_1 right 0.90 of the time. More greedy sequences and steps help (1500 on
+512: 2.13 / 2.33 / 2.44) but cost time. (2) The cost of a step: at k = 4 one drafter forward
+(1 layer, about 0.5 ms) plus the verification of 5 tokens (1.3 ms) is about 2.5 one-token
+target forwards (0.73 ms) on a 2-core CPU, so 2x needs tau >= 5 = k + 1 at k = 4, about 6
+at k = 8: out of reach for any drafter at this cost (draft_model: tau 4.18, 1.4-1.6x).
 
 Sampling: q_i is the softmax of [M]_i's logits at the decoding temperature and d_i is drawn from
 it, so speculative sampling keeps the target's distribution exactly. SpecDec's relaxed top-beta
@@ -69,50 +95,81 @@ from .. import checkpoint, cudagraph, masks
 from ..data import get_batch
 from ..errors import MinispecError
 from ..model import GPT, GPTConfig
-from ..speculative import Draft, Drafter, prefill
+from ..speculative import Draft, Drafter
 from ..train import fit, greedy_continuations
 
 TEACHERS = ("corpus", "greedy", "glancing")  # glancing: greedy targets, glancing on
 
 
 class SpecDrafter(nn.Module):
-    """A shallow GPT plus k_max learned [M] embeddings, [M]_i standing for "the token i ahead"."""
+    """A shallow GPT plus k_max learned [M] embeddings, [M]_i standing for "the token i ahead",
+    and a projection of the target's features into the prefix rows."""
 
     def __init__(self, config, k_max):
         super().__init__()
         self.gpt = GPT(config)
         self.k_max = k_max
         self.mask_emb = nn.Parameter(0.02 * torch.randn(k_max, config.n_embd))  # (K, C)
+        self.fuse = nn.Linear(config.n_embd, config.n_embd)  # the target's h_{j-1} -> prefix row j
 
-    def forward(self, idx, pos, offsets, mask, cache=None, slots=None, reveal=None):
-        """idx (B, n) prefix tokens, then one [M] per entry of offsets (m,) (i-1 for [M]_i);
+    def forward(self, idx, feats, pos, offsets, mask, cache=None, slots=None, reveal=None, every_row=False):
+        """idx (B, n) prefix tokens and feats (B, n, C) the target's final hidden state at the token
+        before each (target_outputs), then one [M] per entry of offsets (m,) (i-1 for [M]_i);
         pos (n + m,) the positions of all of them; mask (n + m, S). reveal (B, m): a true token
-        to show instead of the [M] (glancing), -1 for none. Returns the [M]s' logits (B, m, V)."""
+        to show instead of the [M] (glancing), -1 for none. Returns the [M]s' logits (B, m, V), or
+        with every_row the logits of all n + m rows (training's next-token loss on the prefix)."""
         B, n = idx.shape
         wte, wpe = self.gpt.transformer.wte, self.gpt.transformer.wpe
         m = self.mask_emb[offsets].expand(B, -1, -1)  # (B, m, C)
         if reveal is not None:
             m = torch.where((reveal >= 0)[..., None], wte(reveal.clamp(min=0)), m)
-        x = torch.cat([self.gpt.embed(idx, pos[:n]), m + wpe(pos[n:])], dim=1)  # (B, n + m, C)
+        inputs = wte(idx) + self.fuse(feats)  # (B, n, C) each prefix token with its target feature
+        last = pos[n:] - offsets - 1 - pos[0]  # (m,) [M]_i at t+i follows the prefix token at t
+        x = torch.cat([inputs + wpe(pos[:n]), m + inputs[:, last] + wpe(pos[n:])], dim=1)  # (B, n + m, C)
         x = self.gpt.run_layers(x, mask, cache, slots)
-        return self.gpt.head(x[:, n:])[0]  # the LM head on the [M] rows only
+        return self.gpt.head(x if every_row else x[:, n:])[0]  # usually the LM head on the [M] rows only
+
+
+@torch.no_grad()
+def target_outputs(target, x):
+    """x (B, T) -> features (B, T, C): at j, the target's final hidden state at token j-1 (the one
+    that predicted x_j), zeros at j = 0 where there is none; and greedy (B, T): the target's
+    argmax next token after each token."""
+    T = x.size(1)
+    logits, hidden = target(x, torch.arange(T, device=x.device), masks.causal(T, x.device))  # (B, T, V), (B, T, C)
+    return F.pad(hidden[:, :-1], (0, 0, 1, 0)), logits.argmax(-1)
 
 
 class MaskDrafter(Drafter):
-    def __init__(self, drafter, k):
+    def __init__(self, target, drafter, k):
         if k > drafter.k_max:
             raise MinispecError(f"mask was trained for k up to {drafter.k_max}; k={k} asks for more")
-        self.drafter, self.k = drafter, k
+        self.target, self.drafter, self.k = target, drafter, k
+        config = drafter.gpt.config
+        self.feats = torch.zeros(config.block_size, config.n_embd, device=drafter.mask_emb.device)  # (S, C)
 
     def start(self, prompt, cache):
+        """The prompt's features: one extra target forward over the prompt (generate's prefill
+        keeps only keys and values); every later feature comes free with verification (observe).
+        Then the prompt, x_t aside, goes into the drafter's own cache: a prefill with no [M]."""
         self.cache = cudagraph.cache_like(cache, self.drafter.gpt)
-        if len(prompt) > 1:  # prefix rows never see an [M]: the prompt is a plain prefill
-            prefill(self.drafter.gpt, self.cache, prompt[:-1])
-        self.fed = len(prompt) - 1  # the drafter's cache holds seq[:fed]
+        self.feats[:len(prompt)] = target_outputs(self.target, torch.tensor([prompt], device=self.feats.device))[0][0]
+        n = len(prompt) - 1
+        if n:
+            pos = torch.arange(n, device=self.feats.device)
+            self.drafter(torch.tensor([prompt[:-1]], device=pos.device), self.feats[None, :n], pos, pos[:0],
+                         masks.causal(n, pos.device), self.cache, pos)
+        self.fed = n  # the drafter's cache holds seq[:fed]
 
-    def block_forward(self, idx, pos, mask, slots, offsets):
-        """The accepted tokens idx (1, n) then len(offsets) [M]s, in one forward over the cache."""
-        return (self.drafter(idx, pos, offsets, mask, self.cache, slots),)
+    def observe(self, step):
+        """The verification forward's hidden states at x_t and the accepted drafts are the
+        features of the tokens after them: the accepted drafts and the bonus token."""
+        self.feats[step.start + 1:step.start + 1 + len(step.path)] = step.hidden[step.path]
+
+    def block_forward(self, idx, pos, mask, slots, feats, offsets):
+        """The accepted tokens idx (1, n) with their features (1, n, C), then len(offsets) [M]s,
+        in one forward over the drafter's cache -> the [M]s' logits (1, m, V)."""
+        return (self.drafter(idx, feats, pos, offsets, mask, self.cache, slots),)
 
     def propose(self, seq, room, sampling):
         k = min(self.k, room)
@@ -125,7 +182,8 @@ class MaskDrafter(Drafter):
         mask = masks.cached_block(self.fed, masks.mask_token_block(n, k, device), self.fed + n + k, device)
         offsets = torch.arange(k, device=device)  # [M]_i has offset i-1
         logits = cudagraph.run(self.cache, ("mask", id(self.drafter), k), self.block_forward,
-                               torch.tensor([new], device=device), pos, mask, pos, offsets)[0][0]  # (k, V)
+                               torch.tensor([new], device=device), pos, mask, pos,
+                               self.feats[None, self.fed:len(seq)], offsets)[0][0]  # (k, V)
         self.fed = len(seq)  # the [M] entries at slots t+1..t+k are dead: next step overwrites them
         if sampling.temperature == 0:
             return Draft.chain(logits.argmax(-1))
@@ -142,13 +200,13 @@ def make(model, ckpt=None, k=4, untrained=False):
     device = next(model.parameters()).device
     if untrained:
         torch.manual_seed(0)
-        return MaskDrafter(SpecDrafter(drafter_config(model.config, 1), k).to(device).eval(), k)
+        return MaskDrafter(model, SpecDrafter(drafter_config(model.config, 1), k).to(device).eval(), k)
     if ckpt is None:
         raise MinispecError("mask needs a trained [M]-token drafter: make one with `python train_tiny.py`")
     state = checkpoint.load(Path(ckpt) / "mask.pt", "mask", device)
     drafter = SpecDrafter(GPTConfig(**state["config"]), state["k_max"])
     drafter.load_state_dict(state["model"])
-    return MaskDrafter(drafter.to(device).eval(), k)
+    return MaskDrafter(model, drafter.to(device).eval(), k)
 
 
 def save_drafter(path, drafter, meta):
@@ -156,9 +214,9 @@ def save_drafter(path, drafter, meta):
                     model=drafter.state_dict(), meta=meta)
 
 
-def random_cuts(T, k, n_cuts, first, generator):
-    """n_cuts distinct cut points r in first..T-k (a group at r predicts tokens r..r+k-1)."""
-    return (torch.randperm(T - k + 1 - first, generator=generator)[:n_cuts] + first).sort().values
+def random_cuts(T, k, n_cuts, generator):
+    """n_cuts distinct cut points r in 1..T-k (a group at r predicts tokens r..r+k-1)."""
+    return (torch.randperm(T - k, generator=generator)[:n_cuts] + 1).sort().values
 
 
 def mask_token_batch(x, cuts, k, start=0):
@@ -178,8 +236,21 @@ def greedy_sequences(target, ids, n_seqs, seed, log):
     return torch.as_tensor(flat.astype("int64")).view(n_seqs, T + 1)[:, :T]  # drop the end-of-text
 
 
-def train_mask_drafter(target, train_ids, steps, batch_size, lr, teacher="greedy", k_max=12, n_layer=2,
-                       n_cuts=8, n_seqs=128, glance=0.5, log=print, seed=0):
+def target_labels(x, y, cuts, k):
+    """What verification would accept from each [M]: x (B, W) text, y (B, W) the target's greedy
+    next tokens. [M]_i at cut r stands for the token the target writes at r+i-1 after its own
+    greedy text from r on: y at r+i-2, known only while x[r..r+i-2] IS its greedy text (always
+    in a greedy continuation; in corpus text, where it predicted the corpus right). Others: -100.
+    Returns (B, len(cuts) * k)."""
+    at = cuts.repeat_interleave(k) + torch.arange(k).repeat(len(cuts))  # (m,) the positions stood for
+    r = cuts.repeat_interleave(k)
+    off = F.pad((x[:, 1:] != y[:, :-1]).int().cumsum(1), (1, 0))  # (B, W) tokens before j not greedy
+    greedy_run = off[:, at - 1] == off[:, r - 1]  # x[r..at-1) all greedy
+    return y[:, at - 1].masked_fill(~greedy_run, -100)
+
+
+def train_mask_drafter(target, train_ids, steps, batch_size, lr, teacher="greedy", k_max=12, n_layer=1,
+                       n_cuts=8, n_seqs=384, glance=0.5, prefix_loss=1.0, log=print, seed=0):
     """Train an [M]-token drafter for `target`; teacher is one of TEACHERS.
 
     Each step takes batch_size windows of half the context, at random offsets, with n_cuts groups
@@ -195,30 +266,36 @@ def train_mask_drafter(target, train_ids, steps, batch_size, lr, teacher="greedy
             mine.load_state_dict(theirs.state_dict())
     T = target.config.block_size
     W = T // 2
-    first = min(32, T // 4)  # cut after the corpus prefix greedy_continuations starts from
     generator = torch.Generator().manual_seed(seed)
-    seqs = greedy_sequences(target, train_ids, n_seqs, seed, log) if teacher != "corpus" else None
+    if teacher != "corpus":  # the target's greedy continuations and what it says on them, computed once
+        seqs = greedy_sequences(target, train_ids, n_seqs, seed, log).to(device)
+        outputs = [target_outputs(target, x) for x in seqs.split(16)]
+        seq_feats, seq_next = (torch.cat(out) for out in zip(*outputs))  # (N, T, C), (N, T)
 
     def batch_loss(step):
-        if seqs is None:
-            x, _ = get_batch(train_ids, batch_size, T, generator)
+        if teacher == "corpus":
+            x = get_batch(train_ids, batch_size, T, generator)[0].to(device)
+            f, y = target_outputs(target, x)  # (B, T, C) features, (B, T) the target's next tokens
         else:
-            x = seqs[torch.randint(len(seqs), (batch_size,), generator=generator)]
+            rows = torch.randint(len(seqs), (batch_size,), generator=generator).to(device)
+            x, f, y = seqs[rows], seq_feats[rows], seq_next[rows]
         start = int(torch.randint(T - W + 1, (1,), generator=generator))  # (B, W) at positions start..
-        x = x[:, start:start + W].to(device)
-        cuts = random_cuts(W, k_max, n_cuts, max(first - start, 1), generator)
-        pos, offsets, mask, labels = mask_token_batch(x, cuts, k_max, start)
+        x, f, y = x[:, start:start + W], f[:, start:start + W], y[:, start:start + W]
+        cuts = random_cuts(W, k_max, n_cuts, generator)
+        pos, offsets, mask, _ = mask_token_batch(x, cuts, k_max, start)
+        labels = target_labels(x, y, cuts, k_max)
         reveal = None
         if teacher == "glancing":
             ratio = glance * (1 - 0.4 * step / steps)  # decays p -> 0.6 p (SpecDec: 0.5 -> 0.3)
             with torch.no_grad():
-                wrong = (drafter(x, pos, offsets, mask).argmax(-1) != labels).view(batch_size, -1, k_max)
+                wrong = ((drafter(x, f, pos, offsets, mask).argmax(-1) != labels) & (labels >= 0)).view(batch_size, -1, k_max)
             shown = (wrong.sum(-1, keepdim=True) * ratio).round()  # (B, G, 1) [M]s to reveal per group
             rank = torch.rand(wrong.shape, generator=generator).to(device).argsort(-1).argsort(-1)
             reveal = torch.where((rank < shown).flatten(1), labels, -1)  # (B, m)
             labels = labels.masked_fill(reveal >= 0, -100)  # the loss is on the hidden [M]s only
-        logits = drafter(x, pos, offsets, mask, reveal=reveal)  # (B, m, V)
-        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        logits = drafter(x, f, pos, offsets, mask, reveal=reveal, every_row=True)  # (B, W + m, V)
+        loss = F.cross_entropy(logits[:, W:].flatten(0, 1), labels.flatten(), ignore_index=-100)
+        return loss + prefix_loss * F.cross_entropy(logits[:, :W].flatten(0, 1), y.flatten())
 
     drafter.train()
     fit(drafter.parameters(), batch_loss, steps, lr, batch_size * (W + n_cuts * k_max),
@@ -236,10 +313,11 @@ def mask_agreement(drafter, target, ids, k=None, n_seqs=16, seed=1234):
     device = next(drafter.parameters()).device
     tried, accepted, tokens, steps = torch.zeros(k), torch.zeros(k), 0, 0
     for x in seqs.to(device).split(1):
+        f = target_outputs(target, x)[0]  # (1, T, C)
         right = []  # a drafting step at every cut, in chunks to bound the attention matrix
         for cuts in torch.arange(min(32, T // 4), T - k + 1).split(64):
             pos, offsets, mask, labels = mask_token_batch(x, cuts, k)
-            right.append((drafter(x, pos, offsets, mask).argmax(-1) == labels).view(-1, k).cpu())
+            right.append((drafter(x, f, pos, offsets, mask).argmax(-1) == labels).view(-1, k).cpu())
         right = torch.cat(right)  # (cuts, k)
         cut = 0
         while cut < len(right):
