@@ -63,7 +63,12 @@ greedy text (mask_agreement). Default "greedy", 1000 steps on 384 sequences (75 
 Measured on the default CPU checkpoint (replay tau at k=12, one seed each): 600 steps on 128
 sequences 2.77, on 256 3.10-3.22, on 512 3.37; 1000 on 384 3.85; 1500 on 512 4.98 (121 s);
 half corpus, half greedy 2.06 and two layers 2.95 (600 on 256; two layers also cost twice the
-drafting); no prefix loss (900 on 128) 2.19.
+drafting); no prefix loss (900 on 128) 2.19. The teachers, 1000 steps on 384 sequences each
+(train_tiny.train_mask with --mask-teacher compare): replay tau corpus 2.58, greedy 3.60,
+glancing 4.31; on decode.py's 8 prompts, tau at k = 4 / 8 / 12, greedy 1.91 / 2.02 / 2.11 and
+glancing 1.99 / 2.04 / 2.06. Distillation clearly beats the corpus; glancing is within the
+spread between training runs (the same greedy setting replayed at 4.05 in another run), and
+costs an extra no-grad pass a step, so the default stays "greedy".
 
 What limits it here (measured). decode.py on its 8 benchmark prompts, greedy, tau at k = 4 /
 8 / 12: 1.96 / 2.03 / 2.05 (the two-layer token-only drafter: 1.59 / 1.68 / 1.73), 0.8-0.9x
