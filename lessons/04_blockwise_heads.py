@@ -14,9 +14,8 @@ Models" (NeurIPS 2018); the head form of Medusa (Cai et al. 2024).
 File: minispec/drafters/blockwise.py (the heads, their training, and how they propose).
 """
 
-from common import label, lesson, prompts, run, section, show_mask
+from common import decode_prompts, label, lesson, prompts, run, section, show_mask
 from minispec import generate, make_drafter, masks
-from minispec.speculative import Stats
 
 
 def main():
@@ -44,11 +43,7 @@ def main():
     print(f"{'k':>2} {'tau':>5} {'alpha':>5}  identical  acceptance at 1..k")
     for k in (1, 2, 4, 6):
         drafter = make_drafter("blockwise", model, ckpt=ckpt, k=k)
-        total, same = Stats(), True
-        for p in test_prompts:
-            r = generate(model, p, 48, drafter)
-            total.add(r.stats)
-            same &= r.tokens == generate(model, p, 48).tokens
+        total, same = decode_prompts(model, drafter, test_prompts)
         print(f"{k:>2} {total.tau:>5.2f} {total.alpha:>5.2f}  {str(same):>9}  "
               + " ".join(f"{a:.2f}" for a in total.accept_at))
     print("A head further ahead guesses from the same h_t with less to go on: the gain flattens with k.")

@@ -13,9 +13,8 @@ for Accelerating Seq2seq Generation" (SpecDec, Findings of EMNLP 2023).
 File: minispec/drafters/mask_drafter.py (the drafter, its masks, its training with glancing).
 """
 
-from common import label, lesson, prompts, run, section, show_mask
+from common import decode_prompts, label, lesson, prompts, run, section, show_mask
 from minispec import generate, make_drafter, masks
-from minispec.speculative import Stats
 
 K = 4
 
@@ -47,11 +46,7 @@ def main():
           f"identical  acceptance at 1..k")
     for method, forwards in (("mask", "1"), ("blockwise", "0 (heads only)"), ("draft_model", f"{K}")):
         drafter = make_drafter(method, model, ckpt=ckpt, k=K)
-        total, same = Stats(), True
-        for p in test_prompts:
-            r = generate(model, p, 48, drafter)
-            total.add(r.stats)
-            same &= r.tokens == generate(model, p, 48).tokens
+        total, same = decode_prompts(model, drafter, test_prompts)
         print(f"{method:<12} {forwards:>21} {total.draft_s * 1e3 / total.target_forwards:>13.2f} {total.tau:>5.2f} "
               f"{total.alpha:>5.2f}  {str(same):>9}  " + " ".join(f"{a:.2f}" for a in total.accept_at))
     print("One shallow forward for k guesses is cheap; what decides is how often guesses that never saw")

@@ -18,10 +18,9 @@ File: minispec/drafters/jacobi.py (jacobi_solve, the Jacobi drafter, Lookahead a
 
 import torch
 
-from common import lesson, prompts, run, section, show_mask
+from common import decode_prompts, lesson, prompts, run, section, show_mask
 from minispec import generate, make_drafter, masks
 from minispec.drafters.jacobi import jacobi_solve
-from minispec.speculative import Stats
 
 M = 12  # tokens solved by Jacobi iteration
 
@@ -59,11 +58,7 @@ def main():
     print(f"{'method':<10} {'tau':>5} {'alpha':>5}  identical  acceptance at 1..k")
     for method in ("jacobi", "lookahead"):
         drafter = make_drafter(method, model, ckpt=ckpt, k=4)
-        total, same = Stats(), True
-        for p in test_prompts:
-            r = generate(model, p, 48, drafter)
-            total.add(r.stats)
-            same &= r.tokens == generate(model, p, 48).tokens
+        total, same = decode_prompts(model, drafter, test_prompts)
         print(f"{method:<10} {total.tau:>5.2f} {total.alpha:>5.2f}  {str(same):>9}  "
               + " ".join(f"{a:.2f}" for a in total.accept_at))
     print(f"after the last prompt the lookahead pool holds {sum(len(v) for v in drafter.pool.values())} n-grams "

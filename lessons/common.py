@@ -19,7 +19,8 @@ sys.path.insert(0, str(ROOT))  # `python lessons/NN_....py` works from a clone w
 
 import minispec  # noqa: E402
 from minispec import checkpoint, masks  # noqa: E402
-from minispec.cli import run  # noqa: E402,F401  (the lessons' entry point: one-line errors, exit status 2)
+from minispec.cli import run  # noqa: E402
+from minispec.speculative import Stats  # noqa: E402,F401  (the lessons' entry point: one-line errors, exit status 2)
 
 DEFAULT = ROOT / "out" / "tiny"
 MICRO = ROOT / "out" / "micro"
@@ -70,6 +71,17 @@ def prompts(ckpt, tok, n=2):
     ids = [tok.encode(text, allowed_special="all") for text in checkpoint.target_meta(ckpt)["prompts"][:n]]
     val = np.load(next(Path(ckpt).glob("tokens-val*.npy")))
     return ids + [val[i * 100:i * 100 + 16].tolist() for i in range(n - len(ids))]
+
+
+def decode_prompts(model, drafter, test_prompts, new_tokens=48):
+    """Decode every prompt with `drafter` -> (the summed Stats, whether every output equals plain
+    greedy decoding's)."""
+    total, same = Stats(), True
+    for p in test_prompts:
+        res = minispec.generate(model, p, new_tokens, drafter)
+        total.add(res.stats)
+        same &= res.tokens == minispec.generate(model, p, new_tokens).tokens
+    return total, same
 
 
 def section(title):

@@ -18,6 +18,8 @@ from minispec import masks, verify
 from minispec.drafters.jacobi import jacobi_solve
 from tests.conftest import random_gpt
 from tests.stats import chi_square_p_value
+from tests.test_jacobi import LOOKAHEAD_W5_N4_G2
+from tests.test_mask_drafter import M_BLOCK_3_3
 from tests.test_masks import drawn
 
 EXERCISES = Path(__file__).resolve().parents[1] / "lessons" / "exercises"
@@ -84,14 +86,7 @@ def check_cached_block(cached_block):
 
 
 def check_mask_token_block(mask_token_block):
-    assert torch.equal(mask_token_block(3, 3), drawn("""
-        1 . . . . .
-        1 1 . . . .
-        1 1 1 . . .
-        1 1 1 1 1 1
-        1 1 1 1 1 1
-        1 1 1 1 1 1
-    """))
+    assert torch.equal(mask_token_block(3, 3), M_BLOCK_3_3)
     assert torch.equal(mask_token_block(2, 1), drawn("""
         1 . .
         1 1 .
@@ -113,29 +108,7 @@ def check_lookahead(lookahead):
         1 . . . 1 .
         1 . . . 1 1
     """))  # x_t a1 | b0 b1 | n1 n2
-    assert torch.equal(lookahead(5, 4, 2), drawn("""
-        1 . . . . . . . . . . . . . . . . . . . .
-        1 1 . . . . . . . . . . . . . . . . . . .
-        1 1 1 . . . . . . . . . . . . . . . . . .
-        1 1 1 1 . . . . . . . . . . . . . . . . .
-        1 1 1 1 1 . . . . . . . . . . . . . . . .
-        1 . . . . 1 . . . . . . . . . . . . . . .
-        1 1 . . . . 1 . . . . . . . . . . . . . .
-        1 1 1 . . . . 1 . . . . . . . . . . . . .
-        1 1 1 1 . . . . 1 . . . . . . . . . . . .
-        1 1 1 1 1 . . . . 1 . . . . . . . . . . .
-        1 . . . . 1 . . . . 1 . . . . . . . . . .
-        1 1 . . . . 1 . . . . 1 . . . . . . . . .
-        1 1 1 . . . . 1 . . . . 1 . . . . . . . .
-        1 1 1 1 . . . . 1 . . . . 1 . . . . . . .
-        1 1 1 1 1 . . . . 1 . . . . 1 . . . . . .
-        1 . . . . . . . . . . . . . . 1 . . . . .
-        1 . . . . . . . . . . . . . . 1 1 . . . .
-        1 . . . . . . . . . . . . . . 1 1 1 . . .
-        1 . . . . . . . . . . . . . . . . . 1 . .
-        1 . . . . . . . . . . . . . . . . . 1 1 .
-        1 . . . . . . . . . . . . . . . . . 1 1 1
-    """))  # the LookaheadDecoding README figure (W=5, N=4, G=2)
+    assert torch.equal(lookahead(5, 4, 2), LOOKAHEAD_W5_N4_G2)  # the LookaheadDecoding README figure (W=5, N=4, G=2)
 
 
 STEP1 = {"causal": check_causal, "cached_block": check_cached_block,

@@ -13,11 +13,10 @@ from tests.test_masks import drawn
 from tests.test_methods import exact_first_two, prompts
 
 
-def test_lookahead_mask_w5_n4_g2():
-    # The LookaheadDecoding README figure. Block: x_t (level 0, column 0), level 0 columns 1..4,
-    # level 1 columns 0..4, level 2 columns 0..4, then two 3-token n-grams.
-    # positions:   0 1 2 3 4   1 2 3 4 5   2 3 4 5 6   1 2 3   1 2 3
-    assert torch.equal(masks.lookahead(W=5, N=4, G=2), drawn("""
+# The LookaheadDecoding README figure. Block: x_t (level 0, column 0), level 0 columns 1..4,
+# level 1 columns 0..4, level 2 columns 0..4, then two 3-token n-grams.
+# positions:   0 1 2 3 4   1 2 3 4 5   2 3 4 5 6   1 2 3   1 2 3
+LOOKAHEAD_W5_N4_G2 = drawn("""
         1 . . . . . . . . . . . . . . . . . . . .
         1 1 . . . . . . . . . . . . . . . . . . .
         1 1 1 . . . . . . . . . . . . . . . . . .
@@ -39,7 +38,11 @@ def test_lookahead_mask_w5_n4_g2():
         1 . . . . . . . . . . . . . . . . . 1 . .
         1 . . . . . . . . . . . . . . . . . 1 1 .
         1 . . . . . . . . . . . . . . . . . 1 1 1
-    """))
+    """)
+
+
+def test_lookahead_mask_w5_n4_g2():
+    assert torch.equal(masks.lookahead(W=5, N=4, G=2), LOOKAHEAD_W5_N4_G2)
 
 
 def test_jacobi_solve_reaches_greedy_within_m_iterations(tiny, tiny_ckpt):

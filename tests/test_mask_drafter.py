@@ -11,15 +11,19 @@ from tests.conftest import random_gpt
 from tests.test_masks import drawn
 
 
-def test_mask_token_block_is_the_drawn_matrix():
-    assert torch.equal(masks.mask_token_block(3, 3), drawn("""
+# 3 prefix tokens, then 3 [M]s: prefix rows causal and blind to the [M]s; [M] rows see everything
+M_BLOCK_3_3 = drawn("""
         1 . . . . .
         1 1 . . . .
         1 1 1 . . .
         1 1 1 1 1 1
         1 1 1 1 1 1
         1 1 1 1 1 1
-    """))
+    """)
+
+
+def test_mask_token_block_is_the_drawn_matrix():
+    assert torch.equal(masks.mask_token_block(3, 3), M_BLOCK_3_3)
 
 
 def test_mask_token_block_behind_a_cached_prefix():
