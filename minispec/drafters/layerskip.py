@@ -142,7 +142,8 @@ class EarlyExit(LayerSkip):
     def verify(self, model, idx, pos, mask, cache, slots):
         n = len(self.states)  # block tokens 0..n-1 went through layers 0..E-1 while drafting
         assert n < idx.size(1), "verify must follow this drafter's own propose"
-        states = torch.cat(self.states, dim=1) if n else torch.zeros(1, 0, model.config.n_embd, device=idx.device)
+        assert model is self.model and cache is self.cache, "early exit verifies its own target, over its cache"
+        states = torch.cat(self.states, dim=1) if n else cache.kv.new_zeros(1, 0, model.config.n_embd)
         self.states = []
         return cudagraph.run(cache, ("upper", id(model), self.exit_layer, n), self.upper_forward,
                              idx, pos, mask, slots, states)
