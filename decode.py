@@ -9,7 +9,8 @@
 With --method all every method decodes the same prompts in this one process, after a warm-up,
 interleaved prompt by prompt so that a slow moment of the machine hits all methods alike. The
 speedup is tokens/s over autoregressive decoding (`ar`) measured in the same run; draft s and
-verify s are the seconds spent proposing and verifying over all prompts; identical_to_ar says whether the greedy tokens equal plain greedy decoding's, prompt by prompt.
+verify s are the seconds spent proposing and verifying over all prompts; identical_to_ar says
+whether the greedy tokens equal plain greedy decoding's, prompt by prompt.
 
 Forwards: on a GPU every cached forward after the prefill is replayed from a CUDA graph
 (cudagraph.py); --no-graphs runs them plainly (eager, masks as wide as the prefix). On CPU they
@@ -128,10 +129,10 @@ def decode_all(args, model, tok, prompts, static):
     # Warm-up: first calls pay for allocations and lazy initialisation. With static forwards every
     # prompt is decoded once in full first, so that each block shape is recorded (captured) before
     # the timed runs; greedy decoding then meets exactly the same shapes again.
-    warm_prompts, warm_tokens = (prompts, args.max_new_tokens) if static else (prompts[:1], min(16, args.max_new_tokens))
+    warm_prompts = prompts if static else prompts[:1]
     for m in methods:
         for ids in warm_prompts:
-            gen(m, ids, warm_tokens)
+            gen(m, ids, args.max_new_tokens if static else min(16, args.max_new_tokens))
     totals = {m: Stats() for m in methods}
     identical = {m: True for m in methods}
     differing = {m: 0 for m in methods}  # new tokens unlike greedy's at the same place (lossy --beta)
@@ -183,7 +184,8 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     graphs = ap.add_mutually_exclusive_group()
-    graphs.add_argument("--no-graphs", action="store_true", help="on a GPU, run every forward eagerly, not as CUDA graphs")
+    graphs.add_argument("--no-graphs", action="store_true",
+                        help="on a GPU, run every forward eagerly, not as CUDA graphs")
     graphs.add_argument("--static", action="store_true", help="run forwards through the CUDA graphs' static "
                         "buffers but eagerly (the graphs' code path without capture; works on CPU)")
     ap.add_argument("--show", action="store_true", help="colour accepted drafts, corrections and bonus tokens")
@@ -208,8 +210,8 @@ def main():
         rows = [decode_one(args, model, tok, prompts[0], static)]
     if args.json:
         report = {"device": device, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-                  "graphs": mode == "graphs", "forwards": mode, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
-                  "temperature": args.temperature, "methods": rows}
+                  "graphs": mode == "graphs", "forwards": mode, "prompts": len(prompts),
+                  "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "methods": rows}
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
 

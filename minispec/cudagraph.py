@@ -73,7 +73,8 @@ class StaticForwards:
         if rec is None:
             rec = self.recordings[key] = self.record(fn, inputs)
         for buffer, x in zip(rec.inputs, inputs):
-            assert (buffer.shape, buffer.dtype, buffer.device) == (x.shape, x.dtype, x.device), f"{key}: inputs changed"
+            same = (buffer.shape, buffer.dtype, buffer.device) == (x.shape, x.dtype, x.device)
+            assert same, f"recording {key}: an input changed shape, dtype or device"
             buffer.copy_(x)
         if rec.graph is None:
             return rec.fn(*rec.inputs)  # what a replay would run: the function recorded first

@@ -5,9 +5,10 @@ Chen et al., "Accelerating Large Language Model Decoding with Speculative Sampli
 This is the reference baseline every other drafter is measured against (ALGORITHMS.md §6).
 
 Proposing: the draft model keeps its own static KV cache of the accepted sequence, filled with
-the prompt by a prefill at the start. Each step it first feeds the accepted tokens it has not seen yet (x_t, and the tokens accepted last step),
-then runs k-1 more one-token steps, each feeding the draft it just made. For sampling, each draft
-is drawn from the draft model's distribution q_i, which the loop needs for the acceptance test.
+the prompt by a prefill at the start. Each step it first feeds the accepted tokens it has not
+seen yet (x_t, and the tokens accepted last step), then runs k-1 more one-token steps, each
+feeding the draft it just made. For sampling, each draft is drawn from the draft model's
+distribution q_i, which the loop needs for the acceptance test.
 
 The cache hole: after a step in which all k drafts were accepted, the draft model never fed d_k
 (it only needed d_1..d_{k-1} to produce d_k). `fed` counts how many tokens of the sequence its
@@ -55,7 +56,8 @@ class DraftModel(Drafter):
         n = len(ids)
         pos = torch.arange(start, start + n, device=device)
         mask = masks.cached_block(start, masks.causal(n), start + n, device)
-        logits, _ = cudagraph.forward(self.draft, torch.tensor([ids], device=device), pos, mask, self.cache, pos)
+        idx = torch.tensor([ids], device=device)
+        logits, _ = cudagraph.forward(self.draft, idx, pos, mask, self.cache, pos)
         return logits[0, -1]
 
     def propose(self, seq, room, sampling):
