@@ -53,6 +53,16 @@ class Sampling:
     def probs(self, logits):
         return target_probs(logits, self.temperature, self.top_k)
 
+    def draw(self, logits):
+        """What every drafter does with its logits (..., V): q = the distribution decoding would
+        sample from, and a draft per row: q's argmax when greedy, else a sample of q.
+        Returns (tokens (...,), q (..., V))."""
+        q = self.probs(logits)
+        if self.temperature == 0:
+            return q.argmax(-1), q
+        flat = q.reshape(-1, q.size(-1))
+        return torch.multinomial(flat, 1, generator=self.generator).view(q.shape[:-1]), q
+
 
 @dataclass
 class Draft:

@@ -99,6 +99,19 @@ def train_lm(model, train_ids, val_ids, steps, batch_size, lr, seed=0, log=print
 
 
 @torch.no_grad()
+def warm_start(model, target):
+    """Start a shallower GPT of the target's width from the target itself: its embeddings, its
+    final norm and its lowest blocks (a drafter then begins where the target's own reading of
+    the text begins, and only has to learn the shortcut)."""
+    model.transformer.wte.weight.copy_(target.transformer.wte.weight)
+    model.transformer.wpe.weight.copy_(target.transformer.wpe.weight)
+    model.transformer.ln_f.load_state_dict(target.transformer.ln_f.state_dict())
+    for mine, theirs in zip(model.transformer.h, target.transformer.h):
+        mine.load_state_dict(theirs.state_dict())
+    return model
+
+
+@torch.no_grad()
 def greedy_continuations(model, ids, n_seqs=512, prefix_len=32, batch_size=64, seed=0, log=print):
     """Sequence-level distillation data: the model's own greedy continuations of corpus prefixes.
 

@@ -9,7 +9,7 @@ import torch
 from minispec import checkpoint
 from minispec.model import GPT, GPTConfig
 from minispec.train import eval_lm, train_lm
-from tests.conftest import run_script
+from tests.helpers import run_script
 
 
 def test_decode_all_table_and_json(tiny_ckpt, tmp_path):

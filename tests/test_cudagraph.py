@@ -9,7 +9,7 @@ from minispec import cudagraph, masks
 from minispec.cudagraph import StaticForwards
 from minispec.kvcache import KVCache
 from minispec.speculative import generate
-from tests.test_methods import prompts
+from tests.helpers import prompts
 
 METHODS = list(minispec.METHODS)
 

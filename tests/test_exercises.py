@@ -16,11 +16,7 @@ import torch
 import minispec
 from minispec import masks, verify
 from minispec.drafters.jacobi import jacobi_solve
-from tests.conftest import random_gpt
-from tests.stats import chi_square_p_value
-from tests.test_jacobi import LOOKAHEAD_W5_N4_G2
-from tests.test_mask_drafter import M_BLOCK_3_3
-from tests.test_masks import drawn
+from tests.helpers import LOOKAHEAD_W5_N4_G2, M_BLOCK_3_3, chi_square_p_value, drawn, random_gpt
 
 EXERCISES = Path(__file__).resolve().parents[1] / "lessons" / "exercises"
 PARTS = ("attn", "mlp")

@@ -18,7 +18,7 @@ import minispec
 from minispec import masks
 from minispec.errors import MinispecError
 from minispec.gpt2 import byte_decoder
-from tests.conftest import run_script
+from tests.helpers import run_script
 
 C, N_LAYER, N_HEAD, N_POS = 32, 2, 2, 64
 MERGES = [("h", "e"), ("l", "l"), ("he", "ll"), ("Ġ", "w"), ("o", "r"), ("Ġw", "or")]

@@ -7,38 +7,7 @@ from minispec import masks
 from minispec.drafters.jacobi import Lookahead, jacobi_solve
 from minispec.kvcache import KVCache
 from minispec.speculative import Step, generate
-from tests.conftest import random_gpt
-from tests.stats import chi_square_p_value
-from tests.test_masks import drawn
-from tests.test_methods import exact_first_two, prompts
-
-
-# The LookaheadDecoding README figure. Block: x_t (level 0, column 0), level 0 columns 1..4,
-# level 1 columns 0..4, level 2 columns 0..4, then two 3-token n-grams.
-# positions:   0 1 2 3 4   1 2 3 4 5   2 3 4 5 6   1 2 3   1 2 3
-LOOKAHEAD_W5_N4_G2 = drawn("""
-        1 . . . . . . . . . . . . . . . . . . . .
-        1 1 . . . . . . . . . . . . . . . . . . .
-        1 1 1 . . . . . . . . . . . . . . . . . .
-        1 1 1 1 . . . . . . . . . . . . . . . . .
-        1 1 1 1 1 . . . . . . . . . . . . . . . .
-        1 . . . . 1 . . . . . . . . . . . . . . .
-        1 1 . . . . 1 . . . . . . . . . . . . . .
-        1 1 1 . . . . 1 . . . . . . . . . . . . .
-        1 1 1 1 . . . . 1 . . . . . . . . . . . .
-        1 1 1 1 1 . . . . 1 . . . . . . . . . . .
-        1 . . . . 1 . . . . 1 . . . . . . . . . .
-        1 1 . . . . 1 . . . . 1 . . . . . . . . .
-        1 1 1 . . . . 1 . . . . 1 . . . . . . . .
-        1 1 1 1 . . . . 1 . . . . 1 . . . . . . .
-        1 1 1 1 1 . . . . 1 . . . . 1 . . . . . .
-        1 . . . . . . . . . . . . . . 1 . . . . .
-        1 . . . . . . . . . . . . . . 1 1 . . . .
-        1 . . . . . . . . . . . . . . 1 1 1 . . .
-        1 . . . . . . . . . . . . . . . . . 1 . .
-        1 . . . . . . . . . . . . . . . . . 1 1 .
-        1 . . . . . . . . . . . . . . . . . 1 1 1
-    """)
+from tests.helpers import LOOKAHEAD_W5_N4_G2, chi_square_p_value, exact_first_two, prompts, random_gpt
 
 
 def test_lookahead_mask_w5_n4_g2():

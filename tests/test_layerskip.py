@@ -15,7 +15,7 @@ from minispec.speculative import Sampling, generate
 from minispec.drafters.layerskip import (SEARCH_FILE, EarlyExit, LayerSkip, dropout_rates, layerskip_loss,
                                          predicted_seconds)
 from minispec.train import lm_loss
-from tests.conftest import random_gpt
+from tests.helpers import random_gpt
 
 
 class Spy(LayerSkip):

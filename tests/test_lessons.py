@@ -10,8 +10,8 @@ import subprocess
 import sys
 
 import pytest
+from tests.helpers import ROOT
 
-from tests.conftest import ROOT
 
 LESSONS = sorted((ROOT / "lessons").glob("[0-9]*.py"))
 MASK_ROW = re.compile(r"^ *\S+( +[1.])+ *$", re.M)  # a row of minispec.masks.render's output

@@ -7,19 +7,7 @@ import minispec
 from minispec import masks, speculative
 from minispec.drafters import mask_drafter
 from minispec.kvcache import KVCache
-from tests.conftest import random_gpt
-from tests.test_masks import drawn
-
-
-# 3 prefix tokens, then 3 [M]s: prefix rows causal and blind to the [M]s; [M] rows see everything
-M_BLOCK_3_3 = drawn("""
-        1 . . . . .
-        1 1 . . . .
-        1 1 1 . . .
-        1 1 1 1 1 1
-        1 1 1 1 1 1
-        1 1 1 1 1 1
-    """)
+from tests.helpers import M_BLOCK_3_3, drawn, random_gpt
 
 
 def test_mask_token_block_is_the_drawn_matrix():

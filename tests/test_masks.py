@@ -3,11 +3,7 @@
 import torch
 
 from minispec import masks
-
-
-def drawn(picture):
-    """A hand-drawn mask: rows of '1' (may attend) and '.' (may not)."""
-    return torch.tensor([[c == "1" for c in row.split()] for row in picture.strip().splitlines()])
+from tests.helpers import drawn
 
 
 def test_causal():

@@ -4,7 +4,6 @@ Parametrized over minispec.METHODS, so a new drafter goes through all of it the 
 registered. Exactness is tested in float32.
 """
 
-import numpy as np
 import pytest
 import torch
 
@@ -12,22 +11,9 @@ import minispec
 from minispec import masks, speculative
 from minispec.kvcache import KVCache
 from minispec.speculative import Draft, Drafter, generate
-from tests.conftest import random_gpt
-from tests.stats import chi_square_p_value
+from tests.helpers import chi_square_p_value, exact_first_two, prompts, random_gpt
 
 DRAFTERS = [m for m in minispec.METHODS if m != "ar"]
-
-
-def prompts(ckpt, n=20, seed=0):
-    """n held-out windows of varied length from the checkpoint's validation tokens."""
-    ids = np.load(next(ckpt.glob("tokens-val*.npy"))).astype(np.int64)
-    g = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        length = int(g.integers(2, 40))
-        start = int(g.integers(0, len(ids) - length))
-        out.append(ids[start:start + length].tolist())
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -48,17 +34,6 @@ def test_greedy_identical_to_autoregressive(method, k, tiny, tiny_ckpt, greedy_r
         assert res.tokens == expected, f"{method} k={k}: first divergence at new token {diverge}"
         accepted += res.stats.accepted
     assert accepted > 0, f"{method} never had a draft accepted: the test would not exercise acceptance"
-
-
-def exact_first_two(model, prompt):
-    """P(x1, x2 | prompt) for every pair, from full forwards: a (V, V) table."""
-    V = model.config.vocab_size
-    with torch.no_grad():
-        T = len(prompt)
-        p1 = torch.softmax(model(torch.tensor([prompt]), torch.arange(T), masks.causal(T))[0][0, -1].double(), -1)
-        ids = torch.tensor([prompt + [x] for x in range(V)])
-        p2 = torch.softmax(model(ids, torch.arange(T + 1), masks.causal(T + 1))[0][:, -1].double(), -1)
-    return p1[:, None] * p2
 
 
 def sample_pairs(model, drafter, prompt, n):

@@ -7,7 +7,7 @@ import torch
 
 from minispec import masks
 from minispec.kvcache import KVCache
-from tests.conftest import random_gpt
+from tests.helpers import random_gpt
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 

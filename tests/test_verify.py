@@ -4,7 +4,7 @@ import torch
 
 from minispec.verify import (accept_candidates, accept_greedy, accept_greedy_paths, accept_sampled,
                              accept_top_beta, target_probs)
-from tests.stats import chi_square_p_value
+from tests.helpers import chi_square_p_value
 
 
 def one_hot_logits(tokens, V=5):

@@ -5,6 +5,8 @@ benchmark (decode.py --method all), so a new drafter cannot skip either. "ar" is
 autoregressive decoding: no drafter at all.
 """
 
+import torch
+
 from ..errors import MinispecError
 from . import blockwise, draft_model, jacobi, layerskip, mask_drafter
 
@@ -32,4 +34,8 @@ def make_drafter(name, model, ckpt=None, k=4, untrained=False, **options):
     if k < 1:
         raise MinispecError(f"k must be at least 1, got {k}")
     factory = METHODS[name]
-    return None if factory is None else factory(model, ckpt=ckpt, k=k, untrained=untrained, **options)
+    if factory is None:
+        return None
+    with torch.random.fork_rng():  # untrained weights are the same every time; the caller's RNG is untouched
+        torch.manual_seed(0)
+        return factory(model, ckpt=ckpt, k=k, untrained=untrained, **options)

@@ -162,9 +162,7 @@ class Blockwise(Drafter):
         if sampling.temperature == 0:  # the tree; the loop trims it to `room`
             top = logits.topk(RANKS, -1).indices.cpu()  # (k, RANKS)
             return replace(self.tree, tokens=top[self.node_head, self.node_rank])
-        k = min(self.k, room)
-        q = sampling.probs(logits[:k])  # (k, V)
-        return Draft.chain(torch.multinomial(q, 1, generator=sampling.generator).flatten(), q)
+        return Draft.chain(*sampling.draw(logits[:min(self.k, room)]))  # q (k, V): each head's own
 
     def observe(self, step):
         self.hidden = step.hidden[step.path[-1]]  # (C,): the verification forward already computed it
@@ -180,9 +178,7 @@ def make(model, ckpt=None, k=4, untrained=False, tree_size=8):
     device = next(model.parameters()).device
     if untrained:  # random heads: a deliberately poor drafter, for tests
         heads = Heads(model.config.n_embd, k)
-        with torch.random.fork_rng():
-            torch.manual_seed(0)
-            nn.init.normal_(heads.weight, std=0.5)
+        nn.init.normal_(heads.weight, std=0.5)
         acc = 0.5 ** torch.arange(1, RANKS + 1).repeat(k, 1)  # (k, RANKS) a made-up accuracy
         return Blockwise(model, heads.to(device).eval(), acc, tree_size)
     if ckpt is None:

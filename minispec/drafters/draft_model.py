@@ -24,6 +24,7 @@ held-out text was 0.77 soft, 0.63 corpus, 0.46 greedy: the greedy continuations 
 repeat themselves, so a draft trained on them sees too little variety. "soft" is the default.
 """
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -31,10 +32,10 @@ import torch.nn.functional as F
 
 from .. import checkpoint, cudagraph, masks
 from ..errors import MinispecError
-from ..model import GPT, GPTConfig
+from ..model import GPT
 from ..speculative import Draft, Drafter, prefill
 from ..data import get_batch
-from ..train import eval_lm, fit, greedy_continuations, train_lm
+from ..train import eval_lm, fit, greedy_continuations, train_lm, warm_start
 
 
 class DraftModel(Drafter):
@@ -67,12 +68,11 @@ class DraftModel(Drafter):
         logits = self._feed(seq[self.fed:], self.fed)  # catch up, x_t included
         drafts, qs = [], []
         for i in range(k):
-            q = sampling.probs(logits)  # (V,)
-            d = int(q.argmax()) if sampling.temperature == 0 else int(torch.multinomial(q, 1, generator=sampling.generator))
-            drafts.append(d)
+            d, q = sampling.draw(logits)  # (), (V,)
+            drafts.append(int(d))
             qs.append(q)
             if i + 1 < k:
-                logits = self._feed([d], len(seq) + i)
+                logits = self._feed([drafts[-1]], len(seq) + i)
         self.fed = len(seq)  # x_t is in; the drafts fed are checked in observe
         self.drafted = k
         return Draft.chain(drafts, torch.stack(qs))
@@ -87,19 +87,11 @@ class DraftModel(Drafter):
 def make(model, ckpt=None, k=4, untrained=False):
     device = next(model.parameters()).device
     if untrained:  # random weights: a deliberately poor drafter, for tests
-        with torch.random.fork_rng():
-            torch.manual_seed(0)
-            return DraftModel(GPT(draft_config(model.config)).to(device).eval(), k)
+        return DraftModel(GPT(replace(model.config, n_layer=1)).to(device).eval(), k)
     if ckpt is None:
         raise MinispecError("draft_model needs a trained checkpoint folder: make one with `python train_tiny.py`")
     state = checkpoint.load(Path(ckpt) / "draft_model.pt", "draft_model", device)
     return DraftModel(checkpoint.load_gpt(state, device), k)
-
-
-def draft_config(target_config, n_layer=1):
-    """A draft model as wide as the target but much shallower, sharing its tokenizer and context."""
-    c = target_config
-    return GPTConfig(c.block_size, c.vocab_size, n_layer, c.n_head, c.n_embd)
 
 
 TEACHERS = ("corpus", "greedy", "soft")
@@ -111,9 +103,7 @@ def train_draft_model(target, train_ids, val_ids, steps, batch_size, lr, teacher
     "greedy": the target's own greedy continuations of corpus prefixes (sequence-level distillation);
     "soft": the target's whole next-token distribution on the corpus (token-level distillation)."""
     device = next(target.parameters()).device
-    draft = GPT(draft_config(target.config)).to(device)
-    draft.transformer.wte.weight.data.copy_(target.transformer.wte.weight)  # start from the target's embeddings
-    draft.transformer.wpe.weight.data.copy_(target.transformer.wpe.weight)
+    draft = warm_start(GPT(replace(target.config, n_layer=1)).to(device), target)  # as wide, one layer
     if teacher == "greedy":
         train_ids = greedy_continuations(target, train_ids, n_seqs=min(512, steps * batch_size // 2), log=log)
     if teacher in ("corpus", "greedy"):

@@ -100,16 +100,14 @@ class LayerSkip(Drafter):
         drafts, qs = [], []
         for i in range(k):  # feed x_t, d_1, ..., d_{k-1}; each forward gives the next draft
             logits = self.draft_forward(token, pos[i:i + 1], mask[i:i + 1, :t + i + 1])
-            if sampling.temperature == 0:
-                token = logits.argmax().view(1, 1)
-            else:
-                qs.append(sampling.probs(logits))  # (V,) what the draft is sampled from
-                token = torch.multinomial(qs[-1], 1, generator=sampling.generator).view(1, 1)
-            drafts.append(int(token))
+            d, q = sampling.draw(logits)  # (), (V,) what the draft is drawn from
+            token = d.view(1, 1)
+            drafts.append(int(d))
+            qs.append(q)
             if self.gamma is not None and float(torch.softmax(logits, -1).max()) < self.gamma:
                 break  # unsure: the drafts after this one would likely be wasted
         self.drafted = len(drafts)
-        return Draft.chain(drafts, torch.stack(qs) if qs else None)
+        return Draft.chain(drafts, torch.stack(qs))
 
     def observe(self, step):
         if self.gamma is None or self.drafted == 0:

@@ -1,7 +1,7 @@
 """The [M]-token Spec-Drafter: k placeholder tokens, each its own query, one forward for k drafts.
 
 Xia, Ge, Wang, Chen, Wei & Sui, "Speculative Decoding: Exploiting Speculative Execution for
-Accelerating Seq2seq Generation" (SpecDec, Findings of EMNLP 2023). ALGORITHMS.md §3.
+Accelerating Seq2seq Generation" (SpecDec, Findings of EMNLP 2023).
 
 The idea. A separate, small drafter reads the accepted prefix followed by k [M] placeholders at
 positions t+1..t+k; the output at [M]_i is its guess d_i for the token i places ahead. Every
@@ -50,46 +50,27 @@ cross-entropy of [M]_i against what verification would accept there: the token t
 writes at r+i-1 after its own greedy text (target_labels). One forward trains many cuts of the
 same sequence (masks.mask_token_training): each group of k [M]s sees the prefix up to its own
 cut and its own group. The prefix rows get a next-token loss against the target's argmax too
-(prefix_loss): they are computed anyway, and [M]_1's row starts from the last one, so this
-trains d_1 on every position instead of n_cuts of them (measured: d_1 0.25 -> 0.60 on replay).
+(prefix_loss): they are computed anyway, and [M]_1's row starts from the last one, so d_1 learns
+at every position instead of at n_cuts of them (it more than doubled d_1's replayed accuracy).
 `teacher`: "corpus" (training-text windows: labels only where the text is what the target
 would have written, so mostly d_1), "greedy" (the target's own greedy continuations, n_seqs of
 them: sequence-level distillation), "glancing" (greedy plus GLAT's glancing, as in SpecDec's
 glat_loss.py: a no-grad pass first; in each group (#wrong * p) random [M]s are shown as their
 true tokens and the loss is taken on the others). The drafter (ONE layer, the target's width)
-starts from the target's embeddings, final norm and lowest layer. `train_tiny.py --mask-teacher
-compare` keeps the teacher with the higher tau when greedy decoding is replayed on held-out
-greedy text (mask_agreement). Default "greedy", 1000 steps on 384 sequences (75 s at 2 threads).
-Measured on the default CPU checkpoint (replay tau at k=12, one seed each): 600 steps on 128
-sequences 2.77, on 256 3.10-3.22, on 512 3.37; 1000 on 384 3.85; 1500 on 512 4.98 (121 s);
-half corpus, half greedy 2.06 and two layers 2.95 (600 on 256; two layers also cost twice the
-drafting); no prefix loss (900 on 128) 2.19. The teachers, 1000 steps on 384 sequences each
-(train_tiny.train_mask with --mask-teacher compare): replay tau corpus 2.58, greedy 3.60,
-glancing 4.31; on decode.py's 8 prompts, tau at k = 4 / 8 / 12, greedy 1.91 / 2.02 / 2.11 and
-glancing 1.99 / 2.04 / 2.06. Distillation clearly beats the corpus; glancing is within the
-spread between training runs (the same greedy setting replayed at 4.05 in another run), and
-costs an extra no-grad pass a step, so the default stays "greedy".
-
-What limits it here (measured). decode.py on its 8 benchmark prompts, greedy, tau at k = 4 /
-8 / 12: 1.96 / 2.03 / 2.05 (the two-layer token-only drafter: 1.59 / 1.68 / 1.73), 0.8-0.9x
-autoregressive. (1) The replay tau on held-out greedy text is far above the benchmark's:
-there d_1 is accepted about 0.45 of the time (right at 0.62 of all cuts), and the prefix
-rows' own next-token guess is right no more often (0.62): the drafter does not know the tiny
-target well enough on those continuations. Half
-of them are loops the distillation data never showed ('tititi...', '_CUT_CUT...', where d_1 is
-right 0.0-0.5 of the time); the draft model, trained on the corpus against the target's full
-distribution, gets d_1 right 0.90 of the time. More greedy sequences and steps help (1500 on
-512: 2.13 / 2.33 / 2.44) but cost time. (2) The cost of a step: at k = 4 one drafter forward
-(1 layer, about 0.5 ms) plus the verification of 5 tokens (1.3 ms) is about 2.5 one-token
-target forwards (0.73 ms) on a 2-core CPU, so 2x needs tau >= 5 = k + 1 at k = 4, about 6
-at k = 8: out of reach for any drafter at this cost (draft_model: tau 4.18, 1.4-1.6x).
+starts from the target's embeddings, final norm and lowest layer (train.warm_start).
+`train_tiny.py --mask-teacher compare` trains each teacher and keeps the one with the higher tau
+when greedy decoding is replayed on held-out greedy text (mask_agreement); distillation beat
+the corpus clearly there, and glancing did not beat plain greedy distillation by more than the
+spread between training runs while costing an extra pass a step, so the default is "greedy".
+One layer, not two: a second layer doubles the drafting cost, and a step's cost (a drafter
+forward plus a verification of k + 1 tokens) is what the speedup has to pay for.
 
 Sampling: q_i is the softmax of [M]_i's logits at the decoding temperature and d_i is drawn from
 it, so speculative sampling keeps the target's distribution exactly. SpecDec's relaxed top-beta
-verification (`decode.py --beta 5 --tau 3`) is LOSSY: it changes the output.
+verification (`decode.py --beta 5 --margin 3`) is LOSSY: it changes the output.
 """
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -101,7 +82,7 @@ from ..data import get_batch
 from ..errors import MinispecError
 from ..model import GPT, GPTConfig
 from ..speculative import Draft, Drafter
-from ..train import fit, greedy_continuations
+from ..train import fit, greedy_continuations, warm_start
 
 TEACHERS = ("corpus", "greedy", "glancing")  # glancing: greedy targets, glancing on
 
@@ -190,22 +171,13 @@ class MaskDrafter(Drafter):
                                torch.tensor([new], device=device), pos, mask, pos,
                                self.feats[None, self.fed:len(seq)], offsets)[0][0]  # (k, V)
         self.fed = len(seq)  # the [M] entries at slots t+1..t+k are dead: next step overwrites them
-        if sampling.temperature == 0:
-            return Draft.chain(logits.argmax(-1))
-        q = sampling.probs(logits)  # (k, V): each [M] has its own distribution
-        return Draft.chain(torch.multinomial(q, 1, generator=sampling.generator).flatten(), q)
-
-
-def drafter_config(target_config, n_layer):
-    c = target_config
-    return GPTConfig(c.block_size, c.vocab_size, n_layer, c.n_head, c.n_embd)
+        return Draft.chain(*sampling.draw(logits))  # q (k, V): each [M] has its own distribution
 
 
 def make(model, ckpt=None, k=4, untrained=False):
     device = next(model.parameters()).device
     if untrained:
-        torch.manual_seed(0)
-        return MaskDrafter(model, SpecDrafter(drafter_config(model.config, 1), k).to(device).eval(), k)
+        return MaskDrafter(model, SpecDrafter(replace(model.config, n_layer=1), k).to(device).eval(), k)
     if ckpt is None:
         raise MinispecError("mask needs a trained [M]-token drafter: make one with `python train_tiny.py`")
     state = checkpoint.load(Path(ckpt) / "mask.pt", "mask", device)
@@ -262,13 +234,8 @@ def train_mask_drafter(target, train_ids, steps, batch_size, lr, teacher="greedy
     of k_max [M]s each: about as many [M] rows as prefix rows, so most of a forward is supervised.
     """
     device = next(target.parameters()).device
-    drafter = SpecDrafter(drafter_config(target.config, n_layer), k_max).to(device)
-    with torch.no_grad():  # start from the target: embeddings, final norm, lowest layers
-        drafter.gpt.transformer.wte.weight.copy_(target.transformer.wte.weight)
-        drafter.gpt.transformer.wpe.weight.copy_(target.transformer.wpe.weight)
-        drafter.gpt.transformer.ln_f.load_state_dict(target.transformer.ln_f.state_dict())
-        for mine, theirs in zip(drafter.gpt.transformer.h, target.transformer.h):
-            mine.load_state_dict(theirs.state_dict())
+    drafter = SpecDrafter(replace(target.config, n_layer=n_layer), k_max).to(device)
+    warm_start(drafter.gpt, target)
     T = target.config.block_size
     W = T // 2
     generator = torch.Generator().manual_seed(seed)
