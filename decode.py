@@ -25,15 +25,13 @@ import sys
 import torch
 
 import minispec
-from minispec import checkpoint
-from minispec.cli import Parser, pick_device, run
-from minispec.cudagraph import StaticForwards
-from minispec.errors import MinispecError
-from minispec.speculative import Stats
+from minispec import MinispecError, bench, checkpoint, html_report
+from minispec.cli import Parser, pick_device, run, set_threads, threads_flag, write_text
 
 # With --gpt2 there are no held-out prompts stored with the model: these are the default.
 GPT2_PROMPTS = ["The meaning of life is", "Once upon a time, there was a", "The capital of France is",
                 "In a shocking finding, scientists discovered"]
+TEMPERATURES = (1e-3, 1e3)  # outside them softmax(logits / T) overflows or is uniform to float precision
 COLOURS = {"accepted": "\033[32m", "correction": "\033[33m", "bonus": "\033[36m", "end": "\033[0m"}
 
 
@@ -53,20 +51,40 @@ def show(tok, prompt_ids, res, colour):
     return "".join(parts)
 
 
-def check_args(args, model, prompts):
-    context = model.config.block_size
-    if args.temperature < 0:
-        raise MinispecError(f"--temperature must be 0 (greedy) or more, got {args.temperature}")
+def check_flags(args):
+    """Flags that are wrong whatever the model: refused before anything is loaded."""
+    if not (args.temperature == 0 or TEMPERATURES[0] <= args.temperature <= TEMPERATURES[1]):
+        raise MinispecError(f"--temperature must be 0 (greedy) or from {TEMPERATURES[0]} to {TEMPERATURES[1]}, "
+                            f"got {args.temperature}")
     if args.max_new_tokens < 1:
         raise MinispecError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    if args.k < 1 or args.k + 1 > context:
-        raise MinispecError(f"--k must be between 1 and {context - 1} (the context is {context}), got {args.k}")
     if args.top_k is not None and args.top_k < 1:
         raise MinispecError(f"--top-k must be at least 1, got {args.top_k}")
-    if args.beta is None and args.tau is not None:
-        raise MinispecError("--tau is the tolerance of --beta's relaxed verification: give --beta too")
-    if args.beta is not None and (args.beta < 1 or args.temperature != 0 or (args.tau is not None and args.tau < 0)):
-        raise MinispecError("--beta needs a value of at least 1, --tau 0 or more, and greedy decoding (--temperature 0)")
+    if not 0 <= args.seed < 2 ** 63:
+        raise MinispecError(f"--seed must be from 0 to 2**63 - 1, got {args.seed}")
+    if args.beta is None and args.margin is not None:
+        raise MinispecError("--margin is the tolerance of --beta's relaxed verification: give --beta too")
+    if args.beta is not None and (args.beta < 1 or args.temperature != 0):
+        raise MinispecError("--beta needs a value of at least 1 and greedy decoding (--temperature 0)")
+    if args.margin is not None and not 0 <= args.margin < float("inf"):
+        raise MinispecError(f"--margin must be a number of 0 or more, got {args.margin}")
+    if args.prompt is not None:
+        try:
+            args.prompt.encode("utf-8")
+        except UnicodeEncodeError:
+            raise MinispecError("the prompt is not valid UTF-8 text") from None
+    for flag, path in (("--json", args.json), ("--html", args.html)):
+        if path is not None and (not path or os.path.isdir(path) or not os.path.isdir(os.path.dirname(os.path.abspath(path)))):
+            raise MinispecError(f"{flag} {path!r}: not a file name in an existing folder")
+
+
+def check_input(args, model, prompts):
+    """What must fit the model: k, the prompts and the new tokens in its context, beta in its vocabulary."""
+    context, vocab = model.config.block_size, model.config.vocab_size
+    if args.k < 1 or args.k + 1 > context:
+        raise MinispecError(f"--k must be between 1 and {context - 1} (the context is {context}), got {args.k}")
+    if args.beta is not None and args.beta > vocab:
+        raise MinispecError(f"--beta must be at most the vocabulary size, {vocab}, got {args.beta}")
     for ids in prompts:
         if not ids:
             raise MinispecError("the prompt is empty")
@@ -76,8 +94,8 @@ def check_args(args, model, prompts):
 
 
 def top_beta(args):
-    """(beta, tau) for SpecDec's lossy relaxed verification, or None for exact verification."""
-    return None if args.beta is None else (args.beta, 3.0 if args.tau is None else args.tau)
+    """(beta, margin) for SpecDec's lossy relaxed verification, or None for exact verification."""
+    return None if args.beta is None else (args.beta, 3.0 if args.margin is None else args.margin)
 
 
 def forwards(args, device):
@@ -87,81 +105,36 @@ def forwards(args, device):
     return "static" if args.static else "graphs" if device == "cuda" else "plain"
 
 
-def decode_one(args, model, tok, prompt_ids, static):
-    drafter = minispec.make_drafter(args.method, model, ckpt=args.ckpt, k=args.k)
-    res = minispec.generate(model, prompt_ids, args.max_new_tokens, drafter, args.temperature,
-                            args.top_k, args.seed, eot=tok.eot_token, top_beta=top_beta(args), static=static)
+def decode_one(args, model, tok, prompt_ids, drafter, static):
+    res = minispec.generate(model, prompt_ids, args.max_new_tokens, drafter, temperature=args.temperature,
+                            top_k=args.top_k, seed=args.seed, eot=tok.eot_token, top_beta=top_beta(args),
+                            static=static)
     colour = args.show and sys.stdout.isatty() and not os.environ.get("NO_COLOR")
     print(show(tok, prompt_ids, res, colour) if args.show else tok.decode(prompt_ids + res.tokens))
     s = res.stats
+    if args.beta is not None:
+        print(f"LOSSY: top-beta verification (beta {args.beta}, margin {top_beta(args)[1]}) may change the output")
     print(f"--- {args.method}: {s.new_tokens} new tokens in {s.total_s:.2f}s, {s.tokens_per_s:.1f} tokens/s | "
           f"tau {s.tau:.2f} | alpha {s.alpha:.2f} | target forwards {s.target_forwards} | "
           f"accept at 1..: {' '.join(f'{a:.2f}' for a in s.accept_at)}")
-    return row(args.method, args.k, s)
+    return bench.row(args.method, args.k, s)
 
 
-def row(method, k, s):
-    """One method's line of the report, as in DESIGN.md's JSON."""
-    return {"method": method, "k": 0 if method == "ar" else k, "tau": round(s.tau, 3), "alpha": round(s.alpha, 3),
-            "accept_at": [round(a, 3) for a in s.accept_at], "tokens_per_s": round(s.tokens_per_s, 1),
-            "new_tokens": s.new_tokens, "target_forwards": s.target_forwards,
-            "draft_s": round(s.draft_s, 3), "verify_s": round(s.verify_s, 3)}
-
-
-def decode_all(args, model, tok, prompts, static):
-    drafters, skipped = {}, []
-    for m in minispec.METHODS:
-        try:
-            drafters[m] = minispec.make_drafter(m, model, ckpt=args.ckpt, k=args.k)
-        except MinispecError:
-            if args.ckpt is not None:
-                raise
-            skipped.append(m)  # a trained method, and no checkpoint holds its drafter
-    methods = list(drafters)
-    if skipped:
+def decode_all(args, model, tok, prompts, drafters, static):
+    if skipped := [m for m in minispec.METHODS if m not in drafters]:
         print(f"skipped (they need drafters trained against this model, see train_tiny.py --init-from): "
               f"{', '.join(skipped)}")
-
-    def gen(method, ids, n):
-        return minispec.generate(model, ids, n, drafters[method], args.temperature, args.top_k,
-                                 args.seed, eot=tok.eot_token, top_beta=top_beta(args), static=static)
-
-    # Warm-up: first calls pay for allocations and lazy initialisation. With static forwards every
-    # prompt is decoded once in full first, so that each block shape is recorded (captured) before
-    # the timed runs; greedy decoding then meets exactly the same shapes again.
-    warm_prompts = prompts if static else prompts[:1]
-    for m in methods:
-        for ids in warm_prompts:
-            gen(m, ids, args.max_new_tokens if static else min(16, args.max_new_tokens))
-    totals = {m: Stats() for m in methods}
-    identical = {m: True for m in methods}
-    differing = {m: 0 for m in methods}  # new tokens unlike greedy's at the same place (lossy --beta)
-    for i, ids in enumerate(prompts):
-        print(f"\rprompt {i + 1}/{len(prompts)}", end="", file=sys.stderr, flush=True)
-        reference = None
-        for m in methods:
-            res = gen(m, ids, args.max_new_tokens)
-            totals[m].add(res.stats)
-            reference = res.tokens if m == "ar" else reference
-            identical[m] &= res.tokens == reference
-            differing[m] += sum(a != b for a, b in zip(res.tokens, reference)) + abs(len(res.tokens) - len(reference))
-    print(file=sys.stderr)
-    ar_speed = totals["ar"].tokens_per_s
-    rows = [{**row(m, args.k, totals[m]), "speedup": round(totals[m].tokens_per_s / ar_speed, 3),
-             "identical_to_ar": identical[m] if args.temperature == 0 else None,
-             **({"differing_from_ar": differing[m]} if args.temperature == 0 else {})} for m in methods]
+    rows, spread = bench.side_by_side(model, prompts, drafters, args.max_new_tokens, args.k,
+                                      temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+                                      eot=tok.eot_token, top_beta=top_beta(args), static=static)
     if args.beta is not None:
-        print(f"top-beta verification (beta {args.beta}, tau {top_beta(args)[1]}) is LOSSY: 'NO a/b' counts the "
+        print(f"top-beta verification (beta {args.beta}, margin {top_beta(args)[1]}) is LOSSY: 'NO a/b' counts the "
               f"new tokens that differ from greedy decoding's at the same place")
-    print(f"{'method':<12} {'k':>2} {'tau':>5} {'alpha':>5} {'tok/s':>7} {'speedup':>7} {'draft s':>7} "
-          f"{'verify s':>8} {'identical':>9}  accept at 1..k")
-    for r in rows:
-        same = ("-" if r["identical_to_ar"] is None else "yes" if r["identical_to_ar"] else
-                f"NO {r['differing_from_ar']}/{r['new_tokens']}")
-        print(f"{r['method']:<12} {r['k']:>2} {r['tau']:>5.2f} {r['alpha']:>5.2f} {r['tokens_per_s']:>7.1f} "
-              f"{r['speedup']:>6.2f}x {r['draft_s']:>7.2f} {r['verify_s']:>8.2f} {same:>9}  "
-              f"{' '.join(f'{a:.2f}' for a in r['accept_at'])}")
-    return rows
+    print(bench.table(rows))
+    warning = bench.unsteady(spread)
+    if warning:
+        print(warning)
+    return rows, spread
 
 
 def main():
@@ -179,10 +152,12 @@ def main():
     ap.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens only")
     ap.add_argument("--beta", type=int, default=None, help="LOSSY: SpecDec's relaxed verification, accepting a "
                     "draft among the target's top-beta tokens (SpecDec uses 5); greedy only")
-    ap.add_argument("--tau", type=float, default=None, help="with --beta: accept only if log p(top-1) - log p(draft) "
-                    "<= tau (default 3.0, SpecDec's)")
+    ap.add_argument("--margin", type=float, default=None, help="with --beta: accept only if log p(top-1) - "
+                    "log p(draft) <= margin (default 3.0; SpecDec calls it tau, but here tau is the metric)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--threads", type=threads_flag, default=1, help="CPU threads for torch, or auto (default 1: "
+                    "it holds up when another process is busy, and a tiny model's decoding gains little from more)")
     graphs = ap.add_mutually_exclusive_group()
     graphs.add_argument("--no-graphs", action="store_true",
                         help="on a GPU, run every forward eagerly, not as CUDA graphs")
@@ -190,7 +165,10 @@ def main():
                         "buffers but eagerly (the graphs' code path without capture; works on CPU)")
     ap.add_argument("--show", action="store_true", help="colour accepted drafts, corrections and bonus tokens")
     ap.add_argument("--json", default=None, help="also write the results to this file")
+    ap.add_argument("--html", default=None, help="also write a self-contained HTML report of every step to this file")
     args = ap.parse_args()
+    check_flags(args)
+    set_threads(args.threads)
     device = pick_device(args.device)
     if args.gpt2:
         args.ckpt = None  # no trained drafters: make_drafter falls back to the training-free defaults
@@ -200,20 +178,34 @@ def main():
     texts = ([args.prompt] if args.prompt is not None else
              GPT2_PROMPTS if args.gpt2 else checkpoint.target_meta(args.ckpt)["prompts"])
     prompts = [tok.encode(t, allowed_special="all") for t in texts]
-    check_args(args, model, prompts)
+    check_input(args, model, prompts)
     mode = forwards(args, device)
-    static = None if mode == "plain" else StaticForwards(graphs=mode == "graphs")
+    static = None if mode == "plain" else minispec.StaticForwards(graphs=mode == "graphs")
+    spread = None
     if args.method == "all":
-        print(f"device {device}, forwards: {mode}")
-        rows = decode_all(args, model, tok, prompts, static)
+        print(f"device {device}, forwards: {mode}, threads: {torch.get_num_threads()}")
+        drafters, _ = bench.make_drafters(model, args.ckpt, args.k)
+        rows, spread = decode_all(args, model, tok, prompts, drafters, static)
     else:
-        rows = [decode_one(args, model, tok, prompts[0], static)]
+        prompts = prompts[:1]
+        drafters = {args.method: minispec.make_drafter(args.method, model, ckpt=args.ckpt, k=args.k)}
+        rows = [decode_one(args, model, tok, prompts[0], drafters[args.method], static)]
+    if args.html:  # the same prompts decoded once more, untimed, with every step recorded
+        runs = html_report.trace_runs(model, tok, prompts, drafters, args.max_new_tokens, temperature=args.temperature,
+                                      top_k=args.top_k, seed=args.seed, top_beta=top_beta(args), static=static)
+        settings = {"device": device, "forwards": mode, "k": args.k, "max new tokens": args.max_new_tokens,
+                    "temperature": args.temperature, "top-k": args.top_k, "seed": args.seed,
+                    "verification": "exact" if args.beta is None else f"top-beta {top_beta(args)}, LOSSY"}
+        html_report.write(args.html, tok, runs, rows, settings)
+        print(f"wrote {args.html} ({os.path.getsize(args.html) / 1000:.0f} kB)")
     if args.json:
         report = {"device": device, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
                   "graphs": mode == "graphs", "forwards": mode, "prompts": len(prompts),
-                  "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "methods": rows}
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+                  "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+                  "threads": torch.get_num_threads(), "ar_spread": None if spread is None else round(spread, 3),
+                  "verification": "exact" if args.beta is None else "top-beta, LOSSY",
+                  **({} if args.beta is None else dict(zip(("beta", "margin"), top_beta(args)))), "methods": rows}
+        write_text(args.json, json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ BPE on it, encode it (cached as .npy in the output folder), train the target, th
 Every file is written through a temporary file and a rename.
 """
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 
 from minispec import checkpoint
-from minispec.cli import Parser, pick_device, run
+from minispec.cli import Parser, pick_device, run, set_threads, threads_flag
 from minispec.data import cached_encode, read_corpus
 from minispec.drafters.blockwise import TEACHERS as HEAD_TEACHERS, head_accuracy, save_heads, train_heads
 from minispec.drafters.draft_model import TEACHERS, train_draft_model
@@ -77,6 +78,8 @@ def main():
     ap.add_argument("--data", default=None, help="a text file or a folder of text files (default: the Python stdlib)")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=threads_flag, default="auto", help="CPU threads for torch (default auto: "
+                    "1 or every core, whichever is faster now; while another process is busy that is 1)")
     ap.add_argument("--draft-teacher", choices=TEACHERS + ("compare",), default="soft",
                     help="what the draft model learns from (compare: train each, keep the best)")
     ap.add_argument("--init-from", default=None, metavar="DIR",
@@ -91,12 +94,24 @@ def main():
     ap.add_argument("--mask-teacher", choices=MASK_TEACHERS + ("compare",), default="greedy",
                     help="what the [M]-token drafter learns from (compare: train each, keep the best)")
     args = ap.parse_args()
+    threads = set_threads(args.threads)
     device = pick_device(args.device)
     preset = PRESETS[args.preset]
+    if not args.out.strip():
+        raise MinispecError("--out is empty: name the checkpoint folder (default out/tiny)")
+    if not 0 <= args.seed < 2 ** 63:
+        raise MinispecError(f"--seed must be from 0 to 2**63 - 1, got {args.seed}")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise MinispecError(f"--out {out} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MinispecError(f"cannot make the folder --out {out}: {e.strerror or e}") from None
+    if not os.access(out, os.W_OK):
+        raise MinispecError(f"--out {out} is not writable")
     torch.manual_seed(args.seed)
+    print(f"device {device}, {threads} CPU thread{'s' * (threads > 1)}")
     t0 = time.perf_counter()
 
     train_docs, val_docs = read_corpus(args.data, preset.corpus_bytes)

@@ -34,7 +34,7 @@ def main():
     n = len(prompt)
     greedy = generate(model, prompt, M).tokens
     print(f"One causal forward over the prompt and the {M} guesses per update (the mask: causal, as in lesson 02).")
-    print(f"Start: every guess is the prompt's last token. '#' = equal to the greedy token there:")
+    print("Start: every guess is the prompt's last token. '#' = equal to the greedy token there:")
     guess = torch.tensor([prompt[-1]] * M)
     for update in range(M + 1):
         right = "".join("#" if g == y else "." for g, y in zip(guess.tolist(), greedy))

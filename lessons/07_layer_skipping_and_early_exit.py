@@ -22,8 +22,7 @@ import numpy as np
 import torch
 
 from common import lesson, prompts, run, section, show_mask
-from minispec import generate, make_drafter, masks
-from minispec.speculative import Stats
+from minispec import Stats, generate, make_drafter, masks
 
 K = 4
 
@@ -61,7 +60,7 @@ def main():
 
     section("early exit: agreement of the first E layers (+ final norm and LM head) with the full model")
     print(f"agreement on {x.size(1)} held-out tokens; tau decoding 2 prompts x 48 tokens with k = {K} drafts a step;")
-    print(f"estimate = tau / (1 + k c), c = a draft's cost in target forwards (Leviathan et al.; c ~ E/L here)")
+    print("estimate = tau / (1 + k c), c = a draft's cost in target forwards (Leviathan et al.; c ~ E/L here)")
     print(f"{'exit E':>6} {'c':>5} {'agreement':>9} {'tau':>5} {'estimate':>8}")
     for E in range(1, L):
         total, _ = decode(model, ckpt, "earlyexit", test_prompts, exit_layer=E, gamma=None)

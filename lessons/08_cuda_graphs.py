@@ -11,16 +11,14 @@ lesson runs the same static-buffer code path eagerly and shows it gives the very
 
 Source: the CUDA graphs section of the PyTorch docs (capture, warm-up on a side stream, shared
 memory pools); gpt-fast (Meta, 2023) for the static KV cache.
-File: minispec/cudagraph.py (StaticForwards, run, forward; `python -m minispec.cudagraph`).
+File: minispec/cudagraph.py (StaticForwards, run, forward, seconds_per_call).
 """
-
-import time
 
 import torch
 
 from common import lesson, prompts, run, section, show_mask
-from minispec import generate, make_drafter, masks
-from minispec.cudagraph import StaticForwards, forward
+from minispec import StaticForwards, generate, make_drafter, masks
+from minispec.cudagraph import forward, seconds_per_call
 from minispec.kvcache import KVCache
 
 
@@ -29,13 +27,9 @@ def forward_ms(model, cache, T, start=64, reps=100):
     idx = torch.zeros(1, T, dtype=torch.long, device=cache.kv.device)
     pos = torch.arange(start, start + T, device=cache.kv.device)
     mask = masks.cached_block(start, masks.causal(T), start + T, cache.kv.device)
-    best = float("inf")
-    for _ in range(3):
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            forward(model, idx, pos, mask, cache, pos)[0].view(-1)[0].item()  # the host reads the result
-        best = min(best, (time.perf_counter() - t0) / reps)
-    return best * 1e3
+    def call():
+        forward(model, idx, pos, mask, cache, pos)[0].view(-1)[0].item()  # the host reads the result
+    return seconds_per_call(call, reps, rounds=3) * 1e3
 
 
 def main():

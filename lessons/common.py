@@ -19,11 +19,11 @@ sys.path.insert(0, str(ROOT))  # `python lessons/NN_....py` works from a clone w
 
 import minispec  # noqa: E402
 from minispec import checkpoint, masks  # noqa: E402
-from minispec.cli import run  # noqa: E402
-from minispec.speculative import Stats  # noqa: E402,F401  (the lessons' entry point: one-line errors, exit status 2)
+from minispec.cli import run  # noqa: E402,F401  (the lessons' entry point: one-line errors, exit status 2)
 
-DEFAULT = ROOT / "out" / "tiny"
-MICRO = ROOT / "out" / "micro"
+OUT = ROOT / "out"  # what the lessons write
+DEFAULT = OUT / "tiny"
+MICRO = OUT / "micro"
 
 
 def lesson(doc):
@@ -76,7 +76,7 @@ def prompts(ckpt, tok, n=2):
 def decode_prompts(model, drafter, test_prompts, new_tokens=48):
     """Decode every prompt with `drafter` -> (the summed Stats, whether every output equals plain
     greedy decoding's)."""
-    total, same = Stats(), True
+    total, same = minispec.Stats(), True
     for p in test_prompts:
         res = minispec.generate(model, p, new_tokens, drafter)
         total.add(res.stats)

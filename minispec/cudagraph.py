@@ -22,7 +22,7 @@ one synchronisation a step needs.
 On CPU there are no graphs, but `StaticForwards(graphs=False)` runs the very same code path
 eagerly: inputs copied into the same buffers, masks widened to the cache's full width. The tests
 check it equals the plain path token for token, so the GPU path is tested everywhere except for
-capture itself. `python -m minispec.cudagraph` checks and times capture on a GPU.
+capture itself; on a GPU, tests/test_cudagraph.py checks capture too and lesson 08 times it.
 """
 
 import time
@@ -122,61 +122,15 @@ def forward(model, idx, pos, mask, cache, slots):
     return run(cache, ("forward", id(model)), lambda i, p, m, s: model(i, p, m, cache, s), idx, pos, mask, slots)
 
 
-@torch.no_grad()
-def main():
-    """Check graphed decoding against eager decoding for every method, then time the two.
-
-        python -m minispec.cudagraph [--ckpt out/gpu]   # default: a random model, untrained drafters
-    """
-    import argparse  # imported here: the loop and the drafters import this module
-
-    from .checkpoint import load_target
-    from .drafters import METHODS, make_drafter
-    from .model import GPT, GPTConfig
-    from .speculative import generate
-
-    ap = argparse.ArgumentParser(description=main.__doc__.split("\n")[0])
-    ap.add_argument("--ckpt", default=None, help="a checkpoint folder (default: random weights, untrained drafters)")
-    ap.add_argument("--k", type=int, default=8)
-    ap.add_argument("--max-new-tokens", type=int, default=128)
-    args = ap.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.ckpt:
-        model, _ = load_target(args.ckpt, device)
-    else:
-        torch.manual_seed(0)
-        model = GPT(GPTConfig()).to(device).eval()
-    prompt = torch.randint(model.config.vocab_size, (32,), generator=torch.Generator().manual_seed(0)).tolist()
-    modes = {"plain": None, "static": StaticForwards(graphs=device == "cuda")}
-    print(f"device {device}; static mode: {'CUDA graphs' if device == 'cuda' else 'eager (no GPU: no capture)'}")
-    for name in METHODS:
-        tokens = {}
-        for mode, static in modes.items():
-            drafter = make_drafter(name, model, ckpt=args.ckpt, k=args.k, untrained=args.ckpt is None)
-            tokens[mode] = generate(model, prompt, args.max_new_tokens, drafter, static=static).tokens
-        print(f"{name:<12} static == plain: {'yes' if tokens['static'] == tokens['plain'] else 'NO'}")
-
-    def step_time(static, T, reps=50):
-        """Seconds per verification forward of T tokens at slot 64, plain or static."""
-        cache = KVCache.for_model(model) if static is None else static.cache_for(model)
-        idx = torch.tensor([prompt[:T]], device=device)
-        pos = torch.arange(64, 64 + T, device=device)
-        mask = masks.cached_block(64, masks.causal(T), 64 + T, device)
-        for _ in range(3):
-            forward(model, idx, pos, mask, cache, pos)
-        if device == "cuda":
-            torch.cuda.synchronize()
+def seconds_per_call(f, reps=20, rounds=5):
+    """Seconds one call of f() takes: the fastest of `rounds` rounds of `reps` calls, since other
+    processes only ever slow a round down. On a GPU it waits for the kernels to finish."""
+    best = float("inf")
+    for _ in range(rounds):
         t0 = time.perf_counter()
         for _ in range(reps):
-            forward(model, idx, pos, mask, cache, pos)[0].view(-1)[0].item()  # the host reads the logits
-        return (time.perf_counter() - t0) / reps
-
-    times = {(mode, T): step_time(static, T) for mode, static in modes.items() for T in (1, args.k + 1)}
-    for (mode, T), s in times.items():
-        print(f"{mode:>6} forward of {T} token(s): {s * 1e3:.3f} ms")
-    print(f"static / plain one-token step: {times[('static', 1)] / times[('plain', 1)]:.2f}; "
-          f"static {args.k + 1} tokens / static 1 token: {times[('static', args.k + 1)] / times[('static', 1)]:.2f}")
-
-
-if __name__ == "__main__":
-    main()
+            f()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # kernels run asynchronously: wait for them
+        best = min(best, (time.perf_counter() - t0) / reps)
+    return best

@@ -51,6 +51,27 @@ def render(mask, row_labels=None, col_labels=None, on="1", off="."):
     return "\n".join(lines)
 
 
+def tree(parents, device=None):
+    """A draft tree's block (Medusa, SpecInfer): the root x_t, then node i = 1..n whose parent is
+    block index parents[i-1] (0 is the root; parents come before their children). Each node sees
+    the root, its ancestors and itself, so every root-to-leaf path is a causal chain while siblings
+    never see each other. Returns (n + 1, n + 1); for parents [0, 0, 2] (the root's children 1
+    and 2, and node 3 under node 2):
+
+         x 1 2 3
+     x   1 . . .
+     1   1 1 . .
+     2   1 . 1 .
+     3   1 . 1 1
+    """
+    mask = torch.eye(len(parents) + 1, dtype=torch.bool, device=device)
+    mask[:, 0] = True
+    for node, parent in enumerate(parents, start=1):
+        assert parent < node, "a parent must come before its children"
+        mask[node] |= mask[parent]  # the parent's row holds the root and every ancestor
+    return mask
+
+
 def lookahead(W, N, G, device=None):
     """Lookahead decoding's block (Fu et al. 2024): x_t, a 2-D Jacobi window, then G n-grams.
 
@@ -60,7 +81,7 @@ def lookahead(W, N, G, device=None):
     position before its own. Then G candidate n-grams of N-1 tokens each (positions t+1..t+N-1)
     each see x_t and their own earlier tokens. The window and the n-grams never see each other.
     Returns ((N-1) * (W + G), (N-1) * (W + G)); for W=5, N=4, G=2 it is the 21 x 21 mask of the
-    LookaheadDecoding README, drawn in drafters/jacobi.py and in tests/test_jacobi.py.
+    LookaheadDecoding README, drawn in drafters/jacobi.py and in tests/helpers.py.
     """
     levels = N - 1
     window = levels * W

@@ -1,6 +1,6 @@
 """The one speculative decoding loop: draft -> verify -> accept -> roll back, and its statistics.
 
-Every method runs through `generate` (ALGORITHMS.md §0). The loop knows nothing about any
+Every method runs through `generate`, one `step` at a time. The loop knows nothing about any
 particular drafter; a drafter is an object with three methods:
 
     start(prompt, cache)              forget the last call, prepare for this prompt
@@ -39,7 +39,7 @@ import torch
 from . import cudagraph, masks
 from .errors import MinispecError
 from .kvcache import KVCache
-from .verify import (accept_candidates, accept_greedy, accept_greedy_paths, accept_sampled,
+from .verify import (accept_candidates, accept_greedy, accept_greedy_paths, accept_paths, accept_sampled,
                      accept_top_beta, target_probs)
 
 
@@ -189,11 +189,10 @@ class Result:
 def choose(draft, tokens, logits, sampling, top_beta=None):
     """Pick the accepted path and the next token with the rule that fits the draft."""
     paths = draft.paths or [[0]]  # no candidate at all: just the target's own token
+    if top_beta is not None:  # SpecDec's relaxed rule, LOSSY: applied to each candidate path
+        beta, margin = top_beta
+        return accept_paths(lambda d, lg: accept_top_beta(d, lg, beta, margin), tokens, paths, logits)
     single_chain = len(paths) == 1 and paths[0] == list(range(len(tokens)))
-    if top_beta is not None and single_chain:  # SpecDec's relaxed rule: LOSSY (chains only;
-        a, token = accept_top_beta(draft.tokens, logits, *top_beta)
-        return list(range(a + 1)), token
-    # several candidate paths are always verified exactly)
     if sampling.temperature == 0:
         if single_chain:
             a, token = accept_greedy(draft.tokens, logits)
@@ -215,13 +214,54 @@ def prefill(model, cache, ids):
     return model(idx, pos, masks.causal(n, cache.kv.device), cache, pos)
 
 
+def step(model, drafter, seq, cache, sampling, room, stats, eot=None, top_beta=None):
+    """One speculative step after the accepted tokens `seq`, whose newest, x_t = seq[-1], is not
+    in the cache yet: draft at most `room` tokens deep, verify the block in ONE target forward,
+    accept a path and one more token, compact the cache, and let the drafter observe.
+
+    The step is recorded in `stats`. Returns (draft, Step): Step.emitted are the new tokens,
+    cut after `eot` when it is among them.
+    """
+    device = cache.kv.device
+    t = len(seq) - 1  # x_t = seq[t] is the one accepted token not yet in the cache
+    t1 = time.perf_counter()
+    draft = drafter.propose(seq, room, sampling).trimmed(room, cache.max_len - t)
+    t2 = time.perf_counter()
+
+    # verify: ONE target forward over the block [x_t, drafts] at slots t..t+T-1
+    tokens = torch.cat([torch.tensor([seq[-1]]), draft.tokens.cpu()])  # (T,)
+    T = len(tokens)
+    pos = torch.cat([torch.zeros(1, dtype=torch.long), draft.depth.cpu()]) + t
+    slots = torch.arange(t, t + T)
+    mask = masks.cached_block(t, draft.mask, t + T)  # (T, t + T)
+    logits, hidden = drafter.verify(model, tokens[None].to(device), pos.to(device), mask.to(device),
+                                    cache, slots.to(device))
+    logits, hidden = logits[0], hidden[0]  # (T, V), (T, C)
+    path, token = choose(draft, tokens.to(device), logits, sampling, top_beta)
+    if path != list(range(len(path))):  # a non-contiguous path: compact its entries
+        src = torch.tensor(path[1:], device=device) + t
+        cache.move(src, torch.arange(t + 1, t + len(path), device=device))
+    t3 = time.perf_counter()
+
+    emitted = [int(tokens[i]) for i in path[1:]] + [token]
+    if eot is not None and eot in emitted:
+        emitted = emitted[: emitted.index(eot) + 1]
+    depth = max((len(p) - 1 for p in draft.paths), default=0)
+    stats.record(depth, len(path) - 1, len(emitted))
+    stats.draft_s += t2 - t1
+    stats.verify_s += t3 - t2
+    verified = Step(t, tokens, path, logits, hidden, emitted)
+    drafter.observe(verified)
+    return draft, verified
+
+
 @torch.no_grad()
-def generate(model, prompt, max_new_tokens, drafter=None, temperature=0.0, top_k=None, seed=0,
+def generate(model, prompt, max_new_tokens, drafter=None, *, temperature=0.0, top_k=None, seed=0,
              eot=None, top_beta=None, static=None):
     """Continue `prompt` (a list of token ids) by up to max_new_tokens tokens.
 
     Stops early at the token `eot` (which is kept) or when the sequence fills the context.
-    top_beta=(beta, tau) switches to SpecDec's relaxed verification, which is LOSSY.
+    top_beta=(beta, margin) switches to SpecDec's relaxed verification, which is LOSSY.
     static: a cudagraph.StaticForwards to run every forward after the prefill at a fixed shape
     (CUDA graphs, or eagerly over the same static buffers); None runs them plainly.
     """
@@ -230,8 +270,7 @@ def generate(model, prompt, max_new_tokens, drafter=None, temperature=0.0, top_k
     if not 0 < len(prompt) <= context:
         raise MinispecError(f"the prompt has {len(prompt)} tokens; it must have 1 to {context}")
     device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    sampling = Sampling(temperature, top_k, generator)
+    sampling = Sampling(temperature, top_k, torch.Generator(device=device).manual_seed(seed))
     drafter = drafter or Drafter()
     cache = KVCache.for_model(model) if static is None else static.cache_for(model)
     seq = list(prompt)
@@ -240,39 +279,13 @@ def generate(model, prompt, max_new_tokens, drafter=None, temperature=0.0, top_k
     drafter.start(list(prompt), cache)
     stats, steps = Stats(), []
     while stats.new_tokens < max_new_tokens and len(seq) < context:
-        t = len(seq) - 1  # x_t = seq[t] is the one accepted token not yet in the cache
+        # the deepest draft that leaves room for the step's own token, in the budget and the context
         room = min(max_new_tokens - stats.new_tokens, context - len(seq)) - 1
-        t1 = time.perf_counter()
-        draft = drafter.propose(seq, room, sampling).trimmed(room, cache.max_len - t)
-        t2 = time.perf_counter()
-
-        # verify: ONE target forward over the block [x_t, drafts] at slots t..t+T-1
-        tokens = torch.cat([torch.tensor([seq[-1]]), draft.tokens.cpu()])
-        T = len(tokens)
-        pos = torch.cat([torch.zeros(1, dtype=torch.long), draft.depth.cpu()]) + t
-        slots = torch.arange(t, t + T)
-        mask = masks.cached_block(t, draft.mask, t + T)
-        logits, hidden = drafter.verify(model, tokens[None].to(device), pos.to(device), mask.to(device),
-                                        cache, slots.to(device))
-        logits, hidden = logits[0], hidden[0]  # (T, V), (T, C)
-        path, token = choose(draft, tokens.to(device), logits, sampling, top_beta)
-        if path != list(range(len(path))):  # a non-contiguous path: compact its entries
-            src = torch.tensor(path[1:], device=device) + t
-            cache.move(src, torch.arange(t + 1, t + len(path), device=device))
-        t3 = time.perf_counter()
-
-        emitted = [int(tokens[i]) for i in path[1:]] + [token]
-        emitted = emitted[: max_new_tokens - stats.new_tokens]
-        if eot is not None and eot in emitted:
-            emitted = emitted[: emitted.index(eot) + 1]
-        seq += emitted
+        draft, verified = step(model, drafter, seq, cache, sampling, room, stats, eot, top_beta)
+        seq += verified.emitted
         depth = max((len(p) - 1 for p in draft.paths), default=0)
-        stats.record(depth, len(path) - 1, len(emitted))
-        steps.append((emitted, min(len(path) - 1, len(emitted)), depth))
-        stats.draft_s += t2 - t1
-        stats.verify_s += t3 - t2
-        drafter.observe(Step(t, tokens, path, logits, hidden, emitted))
-        if eot is not None and emitted[-1] == eot:
+        steps.append((verified.emitted, min(len(verified.path) - 1, len(verified.emitted)), depth))
+        if eot is not None and verified.emitted[-1] == eot:
             break
     stats.total_s = time.perf_counter() - t0
     return Result(seq[len(prompt):], stats, steps)

@@ -1,10 +1,10 @@
 """Acceptance rules: which drafted tokens to keep, and the one token the target adds after them.
 
-Pure functions over tensors, each tested on its own (tests/test_verify.py). Notation of
-ALGORITHMS.md §1: drafts d_1..d_k, the drafter's distributions q_1..q_k (None for a drafter
-that picks tokens deterministically), the target's distributions p_1..p_{k+1} from ONE forward
-over [x_t, d_1..d_k]. Every rule returns (a, token): the number of accepted drafts and the
-correction (at the first rejection) or bonus (after full acceptance) token from p_{a+1}.
+Pure functions over tensors, each tested on its own (tests/test_verify.py). Notation: drafts
+d_1..d_k, the drafter's distributions q_1..q_k (None for a drafter that picks tokens
+deterministically), the target's distributions p_1..p_{k+1} from ONE forward over [x_t, d_1..d_k].
+Every rule returns (a, token): the number of accepted drafts and the correction (at the first
+rejection) or bonus (after full acceptance) token from p_{a+1}.
 
 - accept_greedy: lossless for greedy decoding.
 - accept_sampled: speculative sampling (Leviathan et al. 2023; Chen et al. 2023), lossless for
@@ -12,6 +12,7 @@ correction (at the first rejection) or bonus (after full acceptance) token from 
 - accept_candidates: several candidate continuations of the same prefix (a draft tree, or
   Lookahead's n-grams), tried in turn (SpecInfer's multi-candidate rule); lossless.
 - accept_top_beta: SpecDec's relaxed verification. LOSSY: it changes the output.
+- accept_paths: a deterministic rule over several candidate paths (the longest accepted wins).
 """
 
 import torch
@@ -53,10 +54,15 @@ def accept_sampled(draft, q, p, generator):
         q_d = 1.0 if q is None else q[i, d]
         if u[i] * q_d < p[i, d]:  # u < p/q without dividing by a zero q
             continue
-        one_hot = torch.zeros_like(p[i])  # the q of a draft chosen deterministically
-        one_hot[d] = 1.0
-        return i, sample(residual(p[i], one_hot if q is None else q[i]), generator)
+        return i, sample(residual(p[i], point_mass(d, p[i]) if q is None else q[i]), generator)
     return k, sample(p[k], generator)
+
+
+def point_mass(d, like):
+    """The q of a draft chosen deterministically: one-hot on token d, shaped like `like` (V,)."""
+    q = torch.zeros_like(like)
+    q[d] = 1.0
+    return q
 
 
 def residual(p, q):
@@ -70,55 +76,58 @@ def accept_candidates(tokens, paths, p, generator):
     """Several deterministic candidates sharing the block's root, tried in turn (SpecInfer).
 
     tokens (T,) the block's tokens; paths: lists of block indices, each starting at the root 0;
-    p (T, V) the target's distribution after each block token. At the current node, each distinct
-    child token d is accepted with probability r(d), r starting as p(node); a rejected d is
-    zeroed out of r and r renormalised before the next one. Returns (path, token): the accepted
-    block indices (root first) and the token sampled after them.
+    p (T, V) the target's distribution after each block token. Paths that agree token for token
+    so far stand for the same text, so they are one node of a token tree (SpecInfer's merged
+    tree): at the current node each distinct next token d is accepted with probability r(d), r
+    starting as p there; a rejected d is zeroed out of r and r renormalised before the next one.
+    Returns (path, token): the accepted block indices (root first, all from one path) and the
+    token sampled after them.
     """
-    node, depth, alive = 0, 0, list(paths)
+    prefix, alive = [0], list(paths)
     while True:
-        residual = p[node].clone()
-        tried = set()
+        depth, r, tried = len(prefix) - 1, p[prefix[-1]], set()
         for path in alive:
             if len(path) <= depth + 1 or int(tokens[path[depth + 1]]) in tried:
                 continue
-            child = path[depth + 1]
-            d = int(tokens[child])
-            if torch.rand(1, generator=generator, device=p.device) < residual[d]:
+            d = int(tokens[path[depth + 1]])
+            if torch.rand(1, generator=generator, device=p.device) < r[d]:
                 break
             tried.add(d)
-            residual[d] = 0.0
-            residual /= residual.sum()
-        else:  # every child rejected (or none): emit from the residual
-            return alive[0][:depth + 1], sample(residual, generator)
-        alive = [path for path in alive if len(path) > depth + 1 and path[depth + 1] == child]
-        node, depth = child, depth + 1
+            r = residual(r, point_mass(d, r))  # d removed, the rest renormalised
+        else:  # every next token rejected (or none left): emit from the residual
+            return prefix, sample(r, generator)
+        prefix = path[:depth + 2]  # the accepted path's own block entries (the same text as the others')
+        alive = [other for other in alive if len(other) > depth + 1 and int(tokens[other[depth + 1]]) == d]
+
+
+def accept_paths(rule, tokens, paths, logits):
+    """A deterministic rule (accept_greedy, or top-beta) over several candidate paths: the longest
+    accepted prefix wins, the first on ties. tokens (T,) the block, paths as in accept_candidates,
+    logits (T, V). Returns (path, token) like accept_candidates."""
+    chosen, token = None, None
+    for path in paths:
+        a, after = rule(tokens[path[1:]], logits[path])
+        if chosen is None or a + 1 > len(chosen):
+            chosen, token = path[:a + 1], after
+    return chosen, token
 
 
 def accept_greedy_paths(tokens, paths, logits):
-    """Greedy over several candidate paths: the longest accepted prefix wins (the first on ties).
-    Returns (path, token) like accept_candidates."""
-    best = logits.argmax(-1)  # (T,)
-    chosen = [0]
-    for path in paths:
-        a = 0
-        while a + 1 < len(path) and tokens[path[a + 1]] == best[path[a]]:
-            a += 1
-        if a + 1 > len(chosen):
-            chosen = path[:a + 1]
-    return chosen, int(best[chosen[-1]])
+    """Greedy over several candidate paths: the longest accepted prefix wins (the first on ties)."""
+    return accept_paths(accept_greedy, tokens, paths, logits)
 
 
-def accept_top_beta(draft, logits, beta, tau):
+def accept_top_beta(draft, logits, beta, margin):
     """SpecDec's Spec-Verification (Xia et al. 2023). LOSSY unless beta == 1: accept d_i while it
-    is among the target's top-beta tokens and log p(top-1) - log p(d_i) <= tau; then emit the
-    argmax. It trades exactness for longer accepted blocks."""
+    is among the target's top-beta tokens and log p(top-1) - log p(d_i) <= margin (SpecDec calls
+    the margin tau; here tau is the tokens-per-forward metric); then emit the argmax. It trades
+    exactness for longer accepted blocks."""
     logp = torch.log_softmax(logits.float(), dim=-1)  # (k+1, V)
     top = logp.topk(beta, dim=-1)
     a = 0
     while a < len(draft):
         d = int(draft[a])
-        if d not in top.indices[a].tolist() or float(top.values[a, 0] - logp[a, d]) > tau:
+        if d not in top.indices[a].tolist() or float(top.values[a, 0] - logp[a, d]) > margin:
             break
         a += 1
     return a, int(top.indices[a, 0])

@@ -1,9 +1,12 @@
 """Shared fixtures: a checkpoint trained on the test preset, once per session."""
 
 import pytest
+import torch
 
 import minispec
 from tests.helpers import run_script
+
+torch.set_num_threads(1)  # the tests' models are tiny: a second thread only waits on a busy machine
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import minispec
 from minispec import checkpoint, masks, speculative
 from minispec.errors import MinispecError
 from minispec.kvcache import KVCache
-from minispec.speculative import Sampling, generate
+from minispec.speculative import Sampling, Stats, generate
 from minispec.drafters.layerskip import (SEARCH_FILE, EarlyExit, LayerSkip, dropout_rates, layerskip_loss,
                                          predicted_seconds)
 from minispec.train import lm_loss
@@ -54,18 +54,13 @@ def test_nothing_a_skipped_layer_draft_wrote_survives(tiny, monkeypatch):
 
 
 @torch.no_grad()
-def draft_and_verify(model, drafter, prompt, room, sampling=Sampling()):
-    """One step as the loop does it: returns the verification's logits and the block."""
+def draft_and_verify(model, drafter, prompt, room):
+    """One step of the loop (speculative.step): returns the verification's logits, the block and the cache."""
     cache = KVCache.for_model(model)
     speculative.prefill(model, cache, prompt[:-1])
     drafter.start(prompt, cache)
-    draft = drafter.propose(prompt, room, sampling)
-    t = len(prompt) - 1
-    tokens = torch.tensor([prompt[-1]] + draft.tokens.tolist())
-    T = len(tokens)
-    slots = torch.arange(t, t + T)
-    logits, _ = drafter.verify(model, tokens[None], slots, masks.cached_block(t, draft.mask, t + T), cache, slots)
-    return logits[0], tokens, cache
+    _, verified = speculative.step(model, drafter, prompt, cache, Sampling(), room, Stats())
+    return verified.logits, verified.tokens, cache
 
 
 @pytest.mark.parametrize("exit_layer", [1, 2, 3])

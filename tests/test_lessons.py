@@ -28,7 +28,7 @@ KEY_LINES = {  # lesson number -> patterns its output must match
     "07": [r"^ +1 +\d\.\d\d +\d\.\d\d +\d\.\d\d +\d\.\d\dx$", r"layer 0: skip attn", r"runs \d+ of \d+ sub-layers"],
     "08": [r"^ar +static tokens == plain tokens: True", r"^mask +static tokens == plain tokens: True",
            r"\d+ recordings", r"^T=1: plain \d\.\d+ ms"],
-    "09": [r"every method identical to greedy: True", r"^ar +0 +1\.00"],
+    "09": [r"every method identical to greedy: True", r"^ar +0 +1\.00", r"wrote out/lesson09\.html"],
 }
 
 

@@ -1,13 +1,16 @@
 """The [M]-token drafter: its masks, its one-forward training, and its cache (no [M] ever leaks)."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 import minispec
 from minispec import masks, speculative
 from minispec.drafters import mask_drafter
+from minispec.cudagraph import StaticForwards
 from minispec.kvcache import KVCache
-from tests.helpers import M_BLOCK_3_3, drawn, random_gpt
+from tests.helpers import M_BLOCK_3_3, drawn, prompts, random_gpt
 
 
 def test_mask_token_block_is_the_drawn_matrix():
@@ -114,3 +117,91 @@ def test_k_beyond_the_trained_k_is_a_clear_error(tiny, tiny_ckpt):
 def test_no_checkpoint_says_how_to_make_one():
     with pytest.raises(minispec.MinispecError, match="python train_tiny.py"):
         minispec.make_drafter("mask", random_gpt(), k=2)
+
+
+def replayed(drafter, target, seq, k):
+    """The [M]s' logits (k, V) for the prefix seq from scratch, the way training and mask_agreement
+    compute them: one full target forward for the features, one uncached drafter forward over
+    seq + k [M]s."""
+    x, n = torch.tensor([seq]), len(seq)
+    feats = mask_drafter.target_outputs(target, x)[0]
+    return drafter(x, feats, torch.arange(n + k), torch.arange(k), masks.mask_token_block(n, k))[0]
+
+
+def online_vs_replayed(target, drafter, prompt, n_new, **kwargs):
+    """Decode with a MaskDrafter online, recording every step: returns [(seq, drafts, the [M]s'
+    logits (k, V) of that step's drafter forward)] and the result."""
+    steps, logits, propose = [], [], drafter.propose
+
+    def recording(seq, room, sampling):
+        draft = propose(seq, room, sampling)
+        steps.append((list(seq), draft.tokens, logits[-1][0] if len(draft.tokens) else None))
+        return draft
+
+    drafter.propose = recording
+    hook = drafter.drafter.register_forward_hook(lambda module, args, out: logits.append(out.clone()))
+    try:
+        res = speculative.generate(target, prompt, n_new, drafter, **kwargs)
+    finally:
+        drafter.propose = propose
+        hook.remove()
+    return steps, res
+
+
+def sharp_untrained(target, k, seed=0):
+    """A random drafter whose logits are far from flat, so that its greedy drafts are well defined,
+    and that listens to the features and to the other rows (a stale row or a misplaced feature
+    changes its drafts)."""
+    torch.manual_seed(seed)
+    net = mask_drafter.SpecDrafter(replace(target.config, n_layer=1), k)
+    with torch.no_grad():
+        net.gpt.transformer.wte.weight.mul_(10)
+        net.fuse.weight.mul_(50)
+        net.mask_emb.mul_(50)
+        for p in net.gpt.transformer.h.parameters():
+            p.mul_(10)
+    return mask_drafter.MaskDrafter(target, net.eval(), k)
+
+
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+@pytest.mark.parametrize("k", [1, 3])
+def test_online_drafts_equal_replayed_drafts_untrained(k, temperature, static):
+    """Every step's drafts (and their distributions) online, with the cache and the features that
+    verification hands over, equal a from-scratch forward over the same prefix."""
+    target = random_gpt(vocab_size=11, n_layer=2, block_size=48, scale=4.0)
+    drafter = sharp_untrained(target, k)
+    forwards = StaticForwards(graphs=False) if static else None
+    steps, res = online_vs_replayed(target, drafter, [1, 2, 3, 4, 5], 30, temperature=temperature, seed=3,
+                                    static=forwards)
+    assert len(steps) == res.stats.target_forwards and sum(len(tokens) > 0 for _, tokens, _ in steps) > 5
+    for seq, tokens, online in steps:
+        if len(tokens) == 0:  # the last step, with no room to draft
+            continue
+        again = replayed(drafter.drafter, target, seq, len(tokens))
+        assert torch.allclose(online, again, rtol=1e-4, atol=1e-4), f"step at {len(seq)}"
+        if temperature == 0:
+            assert torch.equal(tokens, again.argmax(-1)), f"step at {len(seq)}"
+
+
+@pytest.mark.parametrize("k", [2, 4, 8])
+def test_online_drafts_equal_replayed_drafts_trained(k, tiny, tiny_ckpt):
+    """The trained drafter, greedy, on held-out prompts: online drafts == replayed drafts at every
+    step, and the training label of [M]_i at each step (target_labels on the decoded text) is the
+    token verification accepted or wrote at that place."""
+    model, _ = tiny
+    drafter = minispec.make_drafter("mask", model, ckpt=tiny_ckpt, k=k)
+    for prompt in prompts(tiny_ckpt, n=3, seed=1):
+        steps, res = online_vs_replayed(model, drafter, prompt, 48)
+        text = torch.tensor([prompt + res.tokens])
+        y = mask_drafter.target_outputs(model, text)[1]
+        for seq, tokens, online in steps:
+            if len(tokens) == 0:
+                continue
+            again = replayed(drafter.drafter, model, seq, len(tokens))
+            assert torch.allclose(online, again, rtol=1e-4, atol=1e-4), f"step at {len(seq)}"
+            assert torch.equal(tokens, again.argmax(-1)), f"step at {len(seq)}"
+            room = text.size(1) - len(seq)
+            if room >= k:  # [M]_i's label: the token the target wrote at t+i
+                labels = mask_drafter.target_labels(text, y, torch.tensor([len(seq)]), k)[0]
+                assert torch.equal(labels, text[0, len(seq):len(seq) + k])

@@ -32,6 +32,14 @@ def test_cached_tree_block():
         1 . 1 .
         1 . 1 1
     """)
+    assert torch.equal(masks.tree([0, 0, 2]), tree)
+    assert torch.equal(masks.tree([0, 1, 2, 0]), drawn("""
+        1 . . . .
+        1 1 . . .
+        1 1 1 . .
+        1 1 1 1 .
+        1 . . . 1
+    """))  # a chain of three and a second child of the root
     assert torch.equal(masks.cached_block(2, tree, 6), drawn("""
         1 1 1 . . .
         1 1 1 1 . .

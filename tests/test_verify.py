@@ -2,7 +2,7 @@
 
 import torch
 
-from minispec.verify import (accept_candidates, accept_greedy, accept_greedy_paths, accept_sampled,
+from minispec.verify import (accept_candidates, accept_greedy, accept_greedy_paths, accept_paths, accept_sampled,
                              accept_top_beta, target_probs)
 from tests.helpers import chi_square_p_value
 
@@ -90,6 +90,21 @@ def test_candidates_bonus_after_full_path():
 def test_top_beta_is_greedy_at_beta_1_and_looser_above():
     logits = torch.log(torch.tensor([[0.5, 0.4, 0.1], [0.2, 0.7, 0.1], [0.3, 0.3, 0.4]]))
     draft = torch.tensor([1, 1])
-    assert accept_top_beta(draft, logits, beta=1, tau=10.0) == accept_greedy(draft, logits) == (0, 0)
-    assert accept_top_beta(draft, logits, beta=2, tau=1.0) == (2, 2)  # 0.4 is close enough to 0.5
-    assert accept_top_beta(draft, logits, beta=2, tau=0.1) == (0, 0)  # but not within tau 0.1
+    assert accept_top_beta(draft, logits, beta=1, margin=10.0) == accept_greedy(draft, logits) == (0, 0)
+    assert accept_top_beta(draft, logits, beta=2, margin=1.0) == (2, 2)  # 0.4 is close enough to 0.5
+    assert accept_top_beta(draft, logits, beta=2, margin=0.1) == (0, 0)  # but not within a margin of 0.1
+
+
+def test_top_beta_applies_to_every_candidate_path():
+    # two paths: [0, 1] drafts token 3 (the target's second choice), [0, 2, 3] drafts 4 then 2
+    tokens = torch.tensor([9, 3, 4, 2])
+    logits = torch.log(torch.tensor([[0.05, 0.05, 0.05, 0.35, 0.5],  # after the root: 4 first, 3 second
+                                     [0.6, 0.1, 0.1, 0.1, 0.1],  # after node 1: 0 first
+                                     [0.1, 0.1, 0.4, 0.3, 0.1],  # after node 2: 2 first
+                                     [0.6, 0.1, 0.1, 0.1, 0.1]]))  # after node 3: 0 first
+    paths = [[0, 1], [0, 2, 3]]
+    greedy = lambda d, lg: accept_greedy(d, lg)  # noqa: E731
+    assert accept_paths(greedy, tokens, paths, logits) == accept_greedy_paths(tokens, paths, logits) == ([0, 2, 3], 0)
+    relaxed = lambda d, lg: accept_top_beta(d, lg, beta=2, margin=1.0)  # noqa: E731
+    assert accept_paths(relaxed, tokens, [[0, 1]], logits) == ([0, 1], 0)  # 3 is within the top 2 and the margin
+    assert accept_paths(relaxed, tokens, paths, logits) == ([0, 2, 3], 0)  # the longest accepted path wins

@@ -1,7 +1,7 @@
 """Blockwise parallel decoding: k extra heads on the target's last hidden state ("shared attention").
 
 Stern, Shazeer & Uszkoreit, "Blockwise Parallel Decoding for Deep Autoregressive Models"
-(NeurIPS 2018); the head form and the candidate tree of Medusa (Cai et al. 2024). ALGORITHMS.md §2.
+(NeurIPS 2018); the head form and the candidate tree of Medusa (Cai et al. 2024).
 
 The idea. The target's final hidden state h_t at the last accepted token already holds a lot
 about the tokens after the next one. Train small heads on it: the model's own LM head predicts
@@ -23,27 +23,14 @@ The very first step has no hidden state for x_t yet, so it proposes nothing.
 The heads. Head i maps (h, e) to h + W_i [h; e] + b_i and then through the target's own (tied,
 frozen) vocabulary projection, where e holds the embeddings of the newest N_TOKENS tokens:
 x_{t+1} (the target's own choice after h_t, known when the heads run) and the 4 before it. W_i
-starts at zero, so every head starts as the LM head. All k heads are ONE batched matmul, about
-0.1 ms, a sixth of a one-token target forward on one CPU thread. Measured on the default CPU
-checkpoint (greedy, the 8 held-out prompts, tau at k = 4 / 8 with a 16-node tree; heads trained
-300 steps of 512 positions on 480 greedy continuations unless said otherwise):
-    Medusa's block, h + SiLU(W_i h + b_i)                       2.08 / 2.22
-    ... reading e = [x_{t+1}] too                               2.20 / 2.31
-    linear, h + W_i [h; e] + b_i, e = [x_{t+1}]                 2.46 / 2.61
-    linear, h only                                              2.18 / 2.26
-    two layers, h + V_i SiLU(W_i [h; e] + b_i)                  2.34 / 2.59
-    linear, corpus teacher instead of greedy                    1.93 / 1.93
-    linear, 600 steps                                           2.56 / 2.69
-    linear, 600 steps on 1024 continuations                     2.98 / 3.35   (more data: the big lever)
-    ... 256 positions a step, e = the newest 1 / 3 / 5 tokens   3.00 / 3.13, 3.04 / 3.54, 3.26 / 3.78
-With 8 tokens tau barely moves (3.21 / 4.00 against 3.17 / 3.78 for 5, at trees of 6 / 12 nodes).
-The default (train_tiny.py: 12 heads, 5 tokens, 1024 continuations, 600 steps of 256; the
-8-node tree) gives tau 2.57 / 3.21 / 3.47 / 3.20 at k = 2 / 4 / 6 / 8.
-Why the linear map with tokens wins: the target's greedy text falls into loops ("tititi",
-"_CUT_CUT"), and a head that copies a token it sees generalises to tokens it rarely trained on,
-where a SiLU (which zeroes half its inputs) or a head that sees only h cannot. The
-tensor2tensor form (one shared feed-forward layer of width k*4C) was not worth it: at 5 M
-parameters (3x the target) it cost 1.1 ms per proposal, more than the forward it saves.
+starts at zero, so every head starts as the LM head. All k heads are ONE batched matmul, a
+fraction of a one-token target forward. Why this form, measured by tau while building it: the
+target's greedy text falls into loops ("tititi", "_CUT_CUT"), and a LINEAR head that sees the
+newest tokens can copy a token it sees, which generalises to tokens it rarely trained on; Medusa's
+h + SiLU(W h) block (the SiLU zeroes half its inputs), a head that reads h alone and a two-layer
+head all accepted fewer drafts, and the tensor2tensor form (one shared feed-forward layer of width
+k*4C, three times the target's size) cost more per proposal than the forward it saves. More
+distinct greedy continuations to learn from raised tau more than more steps on the same ones.
 
 The tree (greedy decoding). A head's second or third choice is often right when its first is
 not, so instead of one chain the drafter proposes a small tree of the heads' top choices and
@@ -52,13 +39,12 @@ ancestors; its position is t + depth). A node is a tuple of ranks (r_1..r_d): he
 choice at depth j. As Medusa does, the tree keeps the `tree_size` nodes with the highest
 estimated chance of being accepted, prod_j acc[j, r_j], where acc[i, r] is how often head i's
 r-th choice was the target's greedy token on held-out text (measured after training, saved with
-the heads). On a CPU a block is NOT free: one thread pays about 0.6 ms + 0.07 ms per block token
-(1.0 ms for 5 tokens, 1.7 ms for 17), so the default tree is small (8 nodes): larger trees
-raise tau but not the speed.
+the heads). On a CPU a block is NOT free: a fixed cost per forward plus a cost per block token,
+so the default tree is small (8 nodes): larger trees raise tau but not the speed.
 
 Training (train_heads): the target is frozen; heads learn with cross-entropy to predict
 token t+1+i from h_t. What they learn from (`teacher`): the corpus, or the target's own greedy
-continuations (self-distillation: what greedy verification accepts; 1.93 against 2.46 above).
+continuations (self-distillation: what greedy verification accepts, and the better teacher).
 The target's hidden states are computed once for the whole training set, so a step costs the
 heads and the vocabulary projection only. `train_tiny.py --heads-teacher compare` trains both
 and keeps the better.
@@ -131,11 +117,8 @@ def tree_draft(nodes):
     """nodes from tree_nodes -> (Draft with placeholder tokens, (n,) head index, (n,) rank) of each
     node: the tree's shape, fixed for a drafter; each step only fills in the tokens."""
     index = {node: i + 1 for i, node in enumerate(nodes)}  # block index; the root x_t is 0
-    mask = torch.eye(len(nodes) + 1, dtype=torch.bool)
-    mask[:, 0] = True
-    for node, i in index.items():  # a node sees the root, its ancestors and itself
-        for d in range(1, len(node)):
-            mask[i, index[node[:d]]] = True
+    index[()] = 0
+    mask = masks.tree([index[node[:-1]] for node in nodes])  # each node sees the root and its ancestors
     leaves = [node for node in nodes if not any(other[:-1] == node for other in nodes)]
     paths = [[0] + [index[leaf[:d]] for d in range(1, len(leaf) + 1)] for leaf in leaves]
     depth = torch.tensor([len(node) for node in nodes], dtype=torch.long)  # (n,)
@@ -183,11 +166,14 @@ def make(model, ckpt=None, k=4, untrained=False, tree_size=8):
         return Blockwise(model, heads.to(device).eval(), acc, tree_size)
     if ckpt is None:
         raise MinispecError("blockwise needs trained heads: make them with `python train_tiny.py`")
-    state = checkpoint.load(Path(ckpt) / "blockwise.pt", "blockwise", device)
+    path = Path(ckpt) / "blockwise.pt"
+    state = checkpoint.load(path, "blockwise", device, n_heads=int, n_tokens=int, heads=dict, acc=torch.Tensor)
     if k > state["n_heads"]:
         raise MinispecError(f"blockwise was trained with {state['n_heads']} heads; k={k} asks for more")
-    heads = Heads(model.config.n_embd, k, state["n_tokens"])
-    heads.load_state_dict({name: w[:k] for name, w in state["heads"].items()})  # the first k heads
+    if state["n_tokens"] < 1 or tuple(state["acc"].shape) != (state["n_heads"], RANKS):
+        raise MinispecError(f"{path}: its head accuracies do not match its {state['n_heads']} heads")
+    heads = Heads(model.config.n_embd, k, state["n_tokens"])  # the first k heads; the target's width
+    checkpoint.load_weights(heads, {name: w[:k] for name, w in state["heads"].items()}, path)
     return Blockwise(model, heads.to(device).eval(), state["acc"][:k].cpu(), tree_size)
 
 

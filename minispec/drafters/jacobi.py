@@ -2,7 +2,7 @@
 
 Santilli et al., "Accelerating Transformer Inference for Translation via Parallel Decoding"
 (ACL 2023); Fu, Bailis, Stoica & Zhang, "Break the Sequential Dependency of LLM Inference Using
-Lookahead Decoding" (ICML 2024), and its repository hao-ai-lab/LookaheadDecoding. ALGORITHMS.md §4.
+Lookahead Decoding" (ICML 2024), and its repository hao-ai-lab/LookaheadDecoding.
 
 Greedy decoding as a system of equations. The m greedy tokens after a prompt x solve
     y_i = argmax p(. | x, y_1 .. y_{i-1})        i = 1..m.
@@ -19,7 +19,8 @@ the target's token o_a, the refined tail o_{a+1}..o_k becomes the next step's fi
 the positions no guess reaches yet start from the initial guess: copies of the newest token
 (Santilli et al. start from padding; repeating the last token is as cheap and sometimes right,
 in indentation and runs of punctuation). On a model trained left to right this gains little: a
-token rarely becomes right while the one before it is still wrong (CLLM's blog: about 1.05x).
+token rarely becomes right while the one before it is still wrong (the CLLM authors measured
+about 1.05x on 7B models).
 
 `lookahead`: keep the Jacobi trajectory, not just its last guess. A 2-D window of N-1 levels of
 W columns holds the last N-1 Jacobi iterations; level l, column c sits at position t + c + l,

@@ -1,7 +1,7 @@
 """Self-speculative decoding: the target drafts for itself by skipping some of its own layers.
 
 No second model, no training needed: a cheaper version of the target proposes, the full target
-verifies, and the output is exactly the full target's (ALGORITHMS.md §5).
+verifies, and the output is exactly the full target's.
 
 `layerskip`: Draft & Verify (Zhang et al., "Draft & Verify: Lossless Large Language Model
 Acceleration via Self-Speculative Decoding", ACL 2024). The drafter is the target with a set of
@@ -31,10 +31,9 @@ layerskip.pt and used by the factories; without it they fall back to fixed defau
 
 What to expect from a tiny GPT on a CPU: a draft forward is not nearly free (the embedding and
 LM head cost half a layer, and every forward pays a fixed per-call overhead) and neither is
-verification (a block of 3 tokens costs about 1.3 one-token forwards), so only a shallow exit
-that is accepted often pays. A plainly trained 6-layer target's exit-2 head agrees with the full
-model on half the tokens: about 1.1x. Trained with `train_layerskip`, its exit-1 head agrees on
-two thirds: about 1.4-1.5x (exit 1, four drafts a step).
+verification of a block, so only a shallow exit whose drafts are accepted often pays. A plainly
+trained target's shallow exits agree with it too rarely for that; LayerSkip's training is what
+makes them agree (the README's per-exit table, from lesson 07, shows both).
 """
 
 import time
@@ -44,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import checkpoint, cudagraph, masks
+from ..cudagraph import seconds_per_call
 from ..data import get_batch
 from ..errors import MinispecError
 from ..kvcache import KVCache
@@ -78,9 +78,11 @@ class LayerSkip(Drafter):
         self.cache, self.gamma, self.drafted = cache, self.gamma0, 0
 
     def draft_forward(self, token, pos, mask):
-        """token (1, 1) at position == slot pos (1,), mask (1, pos+1) -> logits (V,)."""
+        """token (1, 1) at position == slot pos (1,), mask (1, pos+1) -> logits (V,). The residual
+        stream after the draft layers is kept in self.states (early exit resumes from it)."""
         key = ("draft", id(self.model), tuple(self.draft_layers), self.skip)
         logits, x = cudagraph.run(self.cache, key, self.draft_step, token, pos, mask, pos)
+        self.states.append(x)
         return logits[0, -1]
 
     def draft_step(self, token, pos, mask, slots):
@@ -91,6 +93,7 @@ class LayerSkip(Drafter):
 
     def propose(self, seq, room, sampling):
         k = min(self.k, room)
+        self.states = []
         if k <= 0:
             return Draft.chain([])
         t, device = len(seq) - 1, self.cache.kv.device
@@ -124,18 +127,7 @@ class EarlyExit(LayerSkip):
     def __init__(self, model, exit_layer, k=4, **adaptive):
         super().__init__(model, k=k, **adaptive)
         self.exit_layer = exit_layer
-        self.draft_layers = range(exit_layer)
-        self.states = []  # the layer-E residual streams (1, 1, C) of x_t, d_1, ... from drafting
-
-    def propose(self, seq, room, sampling):
-        self.states = []
-        return super().propose(seq, room, sampling)
-
-    def draft_forward(self, token, pos, mask):
-        key = ("draft", id(self.model), tuple(self.draft_layers), self.skip)
-        logits, x = cudagraph.run(self.cache, key, self.draft_step, token, pos, mask, pos)  # exact cache entries
-        self.states.append(x)
-        return logits[0, -1]
+        self.draft_layers = range(exit_layer)  # their cache entries are exactly the full model's
 
     def verify(self, model, idx, pos, mask, cache, slots):
         n = len(self.states)  # block tokens 0..n-1 went through layers 0..E-1 while drafting
@@ -165,7 +157,8 @@ def saved_search(model, ckpt):
     path = None if ckpt is None else Path(ckpt) / SEARCH_FILE
     if path is None or not path.is_file():
         return None
-    found = checkpoint.load(path, "layerskip")
+    found = checkpoint.load(path, "layerskip", n_layer=int, skip=list, gamma=(float, type(None)), exit_layer=int,
+                            exit_gamma=(float, type(None)))
     if found["n_layer"] != model.config.n_layer:
         raise MinispecError(f"{path} was searched for another model: rerun `{SEARCH_HINT.format(folder=ckpt)}`")
     return found
@@ -202,19 +195,7 @@ def make_earlyexit(model, ckpt=None, k=4, untrained=False, exit_layer=None, **ad
 # So the search times each piece of a forward, and the loop's own work per step, once and
 # carefully (the fastest of several rounds), counts on calibration prompts how many drafts each
 # step made and how many tokens it gave (deterministic in greedy decoding), and scores a
-# candidate by the tokens/s those costs add up to: ALGORITHMS.md §0's wall-clock formula.
-
-def fastest(f, reps=20, rounds=5):
-    """Seconds of one call of f: the fastest of `rounds` rounds (other processes only slow us down)."""
-    best = float("inf")
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            f()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()  # GPU kernels run asynchronously: wait for them
-        best = min(best, (time.perf_counter() - t0) / reps)
-    return best
+# candidate by the tokens/s those costs add up to (Leviathan et al.'s wall-clock model).
 
 
 @torch.no_grad()
@@ -229,12 +210,14 @@ def forward_costs(model, width, prefix=64):
         idx, pos = torch.zeros(1, T, dtype=torch.long, device=device), torch.arange(prefix, prefix + T, device=device)
         mask = masks.cached_block(prefix, masks.causal(T), prefix + T, device)
         x = model.embed(idx, pos)
-        cost["ends"].append(fastest(lambda: model.head(model.embed(idx, pos))))
+        cost["ends"].append(seconds_per_call(lambda: model.head(model.embed(idx, pos))))
         for part, other in (("attn", "mlp"), ("mlp", "attn")):
-            cost[part].append(fastest(lambda: model.run_layers(x, mask, cache, pos, layers=[0], skip={(0, other)})))
+            sublayer = lambda: model.run_layers(x, mask, cache, pos, layers=[0], skip={(0, other)})  # noqa: E731
+            cost[part].append(seconds_per_call(sublayer))
     # the loop's work per step, as a fraction of a one-token forward timed right after it
-    per_token = fastest(lambda: generate(model, [0], 32), reps=1, rounds=10) / 32
-    one = fastest(lambda: model(idx[:, :1], pos[:1], mask[:1, :prefix + 1], cache, pos[:1]), reps=32, rounds=10)
+    per_token = seconds_per_call(lambda: generate(model, [0], 32), reps=1, rounds=10) / 32
+    one_token = lambda: model(idx[:, :1], pos[:1], mask[:1, :prefix + 1], cache, pos[:1])  # noqa: E731
+    one = seconds_per_call(one_token, reps=32, rounds=10)
     forward = cost["ends"][0] + model.config.n_layer * (cost["attn"][0] + cost["mlp"][0])
     cost["step"] = max(per_token / one - 1, 0.0) * forward
     return cost
