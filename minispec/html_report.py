@@ -21,9 +21,7 @@ import codecs
 import html
 from dataclasses import dataclass, replace
 
-from . import masks
 from .cli import write_text
-from .drafters.mask_drafter import MaskDrafter
 from .speculative import Draft, Drafter, Result, generate
 
 
@@ -51,11 +49,10 @@ class Trace(Drafter):
         self.inner.start(prompt, cache)
 
     def propose(self, seq, room, sampling):
-        fed = self.inner.fed if isinstance(self.inner, MaskDrafter) else None  # its cache holds seq[:fed]
         draft = self.inner.propose(seq, room, sampling)
-        self.drafting = None  # the [M] drafter's one forward: the tokens its cache lacked, then k [M]s
-        if fed is not None and len(draft.tokens):
-            self.drafting = masks.mask_token_block(len(seq) - fed, len(draft.tokens)), seq[fed:]
+        # a drafter with a masked forward of its own (the [M]-token drafter) says what it ran:
+        # (its block mask, the tokens it fed before the [M]s)
+        self.drafting = getattr(self.inner, "drafting", None)
         self.sampling = sampling  # the loop trims the draft exactly so before verifying it:
         self.draft = draft.trimmed(room, self.slots - (len(seq) - 1))
         return draft

@@ -247,7 +247,7 @@ def step(model, drafter, seq, cache, sampling, room, stats, eot=None, top_beta=N
     if eot is not None and eot in emitted:
         emitted = emitted[: emitted.index(eot) + 1]
     depth = max((len(p) - 1 for p in draft.paths), default=0)
-    stats.record(depth, len(path) - 1, len(emitted))
+    stats.record(depth, min(len(path) - 1, len(emitted)), len(emitted))  # accepted drafts that were emitted
     stats.draft_s += t2 - t1
     stats.verify_s += t3 - t2
     verified = Step(t, tokens, path, logits, hidden, emitted)

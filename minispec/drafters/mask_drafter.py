@@ -175,13 +175,16 @@ class MaskDrafter(Drafter):
 
     def propose(self, seq, room, sampling):
         k = min(self.k, room)
+        self.drafting = None  # (block mask, tokens) of this step's drafter forward, for reports to draw
         if k <= 0:
             return Draft.chain([])
         device = self.cache.kv.device
         new = seq[self.fed:]  # accepted tokens the cache lacks: x_t and those accepted last step
         n = len(new)
         pos = torch.arange(self.fed, self.fed + n + k, device=device)  # [M]_i at t+i; slots == positions
-        mask = masks.cached_block(self.fed, masks.mask_token_block(n, k, device), self.fed + n + k, device)
+        block = masks.mask_token_block(n, k, device)  # (n + k, n + k)
+        self.drafting = block.cpu(), new
+        mask = masks.cached_block(self.fed, block, self.fed + n + k, device)
         offsets = torch.arange(k, device=device)  # [M]_i has offset i-1
         logits = cudagraph.run(self.cache, ("mask", id(self.drafter), k), self.block_forward,
                                torch.tensor([new], device=device), pos, mask, pos,
