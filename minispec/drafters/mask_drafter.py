@@ -26,26 +26,17 @@ no later row sees them (a prefix row only sees slots before its own) and next st
 tokens overwrite them. So after every step the cache holds the accepted prefix exactly as a
 fresh prefill would (tests/test_mask_drafter.py checks this).
 
-The target's features (EAGLE-style conditioning; Li et al., "EAGLE", ICML 2024; Medusa-2 also
-feeds the target's states to its heads). SpecDec's drafter reads tokens only. This one also
-reads, at every prefix token x_j, the target's final hidden state h_{j-1} at the token before
-(the state that predicted x_j): prefix row j is wte(x_j) + fuse(h_{j-1}) + wpe(j). The features
-cost nothing: the verification forward over [x_t, d_1..d_k] already returns h at x_t and every
-accepted draft (Step.hidden), which are exactly the features of the accepted drafts and of the
-bonus token; only the prompt's features take one extra target forward (start). No h exists
-yet for x_t itself (it is computed by the next verification), so d_1 is a real guess.
-The drafter is still SpecDec's: k [M]s, each its own query with its own attention over the
-prefix rows (now features) and the other [M]s, all k drafts from one forward, same mask, same
-cache discipline (the features of the accepted prefix are kept alongside the drafter's cache).
-The default training now switches them off (features=False, below: measured to generalise
-better); the projection is then zero and the drafter reads tokens only, as SpecDec's does.
+Optionally (features=True), the target's features, EAGLE-style (Li et al., ICML 2024): prefix
+row j also reads fuse(h_{j-1}), the target's final hidden state that predicted x_j. They cost
+nothing while decoding: verification returns h at x_t and every accepted draft (Step.hidden);
+only the prompt's take one extra target forward (start). The default trains without them
+(fuse stays zero), as SpecDec's drafter reads tokens only: measured, it generalises better.
 
 [M] embeddings: one learned vector per offset i (k_max of them), added to the position
 embedding AND to the input of the last prefix row (wte(x_t) + fuse(h_{t-1})): every [M] query
 starts from what the drafter knows about x_t, as every Medusa head starts from h_t. Without
 that anchor one layer cannot bring x_t into the [M] rows and d_1 stays near a quarter.
-Training always uses k_max = 12 [M]s; decoding may use any k <= k_max (with 4 or 8 [M]s
-instead of 12, the acceptance at positions 1..k is unchanged).
+Training always uses k_max = 12 [M]s; decoding may use any k <= k_max.
 
 Training (train_mask_drafter): cut a sequence at a random length r, append k [M]s, and take the
 cross-entropy of [M]_i against what verification would accept there: the token the target
@@ -53,40 +44,27 @@ writes at r+i-1 after its own greedy text (target_labels). One forward trains ma
 same sequence (masks.mask_token_training): each group of k [M]s sees the prefix up to its own
 cut and its own group. The prefix rows get a next-token loss against the target's argmax too
 (prefix_loss): they are computed anyway, and [M]_1's row starts from the last one, so d_1 learns
-at every position instead of at n_cuts of them (it more than doubled d_1's replayed accuracy).
+at every position, not at n_cuts of them (it more than doubled d_1's replayed accuracy).
 `teacher`: "corpus" (training-text windows: labels only where the text is what the target
 would have written, so mostly d_1), "greedy" (the target's own greedy continuations, n_seqs of
 them: sequence-level distillation), "glancing" (greedy plus GLAT's glancing, as in SpecDec's
 glat_loss.py: a no-grad pass first; in each group (#wrong * p) random [M]s are shown as their
-true tokens and the loss is taken on the others). The drafter (ONE layer, the target's width)
-starts from the target's embeddings, final norm and lowest layer (train.warm_start).
-`train_tiny.py --mask-teacher compare` trains each teacher and keeps the one with the higher tau
-when greedy decoding is replayed on held-out greedy text (mask_agreement); distillation beat
-the corpus clearly there, and glancing did not beat plain greedy distillation by more than the
-spread between training runs while costing an extra pass a step, so the default is "greedy".
-One layer, not two: a second layer doubles the drafting cost, and a step's cost (a drafter
-forward plus a verification of k + 1 tokens) is what the speedup has to pay for.
+true tokens and the loss is taken on the others). The one-layer drafter starts from the
+target's embeddings, final norm and lowest layer (train.warm_start). `--mask-teacher compare`
+keeps the teacher with the higher replayed tau (mask_agreement); glancing did not beat "greedy",
+the default, by more than the spread between runs. One layer: a second doubles the drafting
+cost, which every step pays.
 
-Online equals replay: the drafts decoding makes, with its cache and the features verification
-hands over, are the drafts a from-scratch forward over the same prefix gives (the features from
-one full target forward, as training and mask_agreement compute them), step by step on the
-benchmark prompts and in tests/test_mask_drafter.py; so a drafter that does worse on the
-benchmark prompts than on mask_agreement's text does so because it generalises badly, not
-through a decoding bug.
-Why it generalises badly (measured on the default checkpoint, benchmark prompts): the target's
-greedy continuations collapse into loops over few tokens (384 of them hold about 200 distinct
-tokens of the 2048), and a drafter trained on them alone learns those sequences (d_1 right more
-often on its training continuations than on held-out ones, less often still on the benchmark
-prompts) and never drafts a token it never saw as a label (a prompt whose continuation repeats
-"ti" got no draft right). Two changes closed most of the gap in d_1 to the draft model, but
-not the gap in tau, each measured alone and together:
-half of each batch from corpus windows with the target's distributions as labels (soft_rows:
-every token of the vocabulary is a label somewhere; alone it changed little) and dropping the
-features (features=False: the fused feature had grown to about 13 times the norm of the token
-embedding, and the drafter leaned on it where it generalises worst; alone it helped d_1 most).
-EAGLE's feature-regression loss, a zero-initialised feature projection (training grows it back)
-and four times as many greedy continuations (four times the data cost) did not. The features
-stay in the code (features=True) to compare against.
+Online equals replay: the drafts decoding makes with its cache are the drafts a from-scratch
+forward over the same prefix gives (tests/test_mask_drafter.py checks it step by step), so when
+the drafter does worse on the benchmark prompts than on mask_agreement's text it generalises
+badly; there is no decoding bug. Why, measured on the default checkpoint: the target's greedy
+continuations loop over few tokens (384 of them hold about 200 of the 2048), so a drafter trained
+on them alone never drafts a token it never saw as a label, and with features it leaned on them
+(the fused feature grew to many times the token embedding's norm) where they generalise worst.
+Hence the two defaults: no features, and half of each batch (soft_rows) from corpus windows with
+the target's distributions as labels. EAGLE's feature-regression loss, a zero-initialised
+feature projection and four times the greedy data did not help as much.
 
 Sampling: q_i is the softmax of [M]_i's logits at the decoding temperature and d_i is drawn from
 it, so speculative sampling keeps the target's distribution exactly. SpecDec's relaxed top-beta
