@@ -18,6 +18,7 @@ always run plainly unless --static runs them through the graphs' static buffers 
 graph replays, without capture; it reads the whole cache width).
 """
 
+import argparse
 import json
 import os
 import sys
@@ -51,6 +52,16 @@ def show(tok, prompt_ids, res, colour):
     return "".join(parts)
 
 
+def draft_length(text):
+    """--k: a whole number, or "auto"."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number or 'auto': {text!r}") from None
+
+
 def check_flags(args):
     """Flags that are wrong whatever the model: refused before anything is loaded."""
     if not (args.temperature == 0 or TEMPERATURES[0] <= args.temperature <= TEMPERATURES[1]):
@@ -81,8 +92,9 @@ def check_flags(args):
 def check_input(args, model, prompts):
     """What must fit the model: k, the prompts and the new tokens in its context, beta in its vocabulary."""
     context, vocab = model.config.block_size, model.config.vocab_size
-    if args.k < 1 or args.k + 1 > context:
-        raise MinispecError(f"--k must be between 1 and {context - 1} (the context is {context}), got {args.k}")
+    k = minispec.AUTO_K_MAX if args.k == "auto" else args.k
+    if k < 1 or k + 1 > context:
+        raise MinispecError(f"--k must be auto or between 1 and {context - 1} (the context is {context}), got {k}")
     if args.beta is not None and args.beta > vocab:
         raise MinispecError(f"--beta must be at most the vocabulary size, {vocab}, got {args.beta}")
     for ids in prompts:
@@ -146,7 +158,8 @@ def main():
     ap.add_argument("--method", default="all", choices=list(minispec.METHODS) + ["all"])
     ap.add_argument("--prompt", default=None, help="text to continue (default: the held-out prompts; with --gpt2, a few "
                     "English sentences)")
-    ap.add_argument("--k", type=int, default=4, help="draft length")
+    ap.add_argument("--k", type=draft_length, default=4, help="draft length, or auto: chosen before every step, "
+                    f"up to {minispec.AUTO_K_MAX}, from the acceptance and the costs measured so far")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     ap.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens only")

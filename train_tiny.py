@@ -19,7 +19,8 @@ import torch
 from minispec import checkpoint
 from minispec.cli import Parser, pick_device, run, set_threads, threads_flag
 from minispec.data import cached_encode, read_corpus
-from minispec.drafters.blockwise import TEACHERS as HEAD_TEACHERS, head_accuracy, save_heads, train_heads
+from minispec.drafters.blockwise import (SAMPLE_T, TEACHERS as HEAD_TEACHERS, head_accuracy, head_overlap, save_heads,
+                                         train_heads)
 from minispec.drafters.draft_model import TEACHERS, train_draft_model
 from minispec.drafters.layerskip import save_search, train_layerskip
 from minispec.drafters.mask_drafter import TEACHERS as MASK_TEACHERS, mask_agreement, save_drafter, train_mask_drafter
@@ -90,7 +91,8 @@ def main():
     ap.add_argument("--layerskip-search", action="store_true",
                     help="also search the layerskip skip set and the earlyexit layer (about a minute)")
     ap.add_argument("--heads-teacher", choices=HEAD_TEACHERS + ("compare",), default="greedy",
-                    help="what the blockwise heads learn from (compare: train each, keep the best)")
+                    help="what the greedy set of blockwise heads learns from (compare: train each, keep the best); "
+                         "the sampling set always learns from sampled continuations")
     ap.add_argument("--mask-teacher", choices=MASK_TEACHERS + ("compare",), default="greedy",
                     help="what the [M]-token drafter learns from (compare: train each, keep the best)")
     args = ap.parse_args()
@@ -167,20 +169,25 @@ def train_draft(args, preset, target, train_ids, val_ids, out):
 
 
 def train_blockwise(args, preset, target, train_ids, val_ids, out):
-    """Blockwise heads on the frozen target; with --heads-teacher compare, the teacher whose heads
-    promise the longer accepted block on held-out text is kept."""
-    teachers = HEAD_TEACHERS if args.heads_teacher == "compare" else (args.heads_teacher,)
+    """Blockwise heads on the frozen target: the greedy set (with --heads-teacher compare, the
+    teacher whose heads promise the longer accepted block on held-out text is kept) and the
+    sampling set ("sampled" teacher). Prints each set's greedy agreement and sampled overlap."""
+    teachers = HEAD_TEACHERS if args.heads_teacher == "compare" else tuple(dict.fromkeys((args.heads_teacher, "sampled")))
     positions = preset.batch_size * preset.model.block_size // 16  # per step; the target never runs in a step
     heads = {t: train_heads(target, train_ids, preset.n_heads, preset.heads_steps, positions, 1.5 * preset.lr, t,
                             preset.heads_seqs, seed=args.seed) for t in teachers}
     acc = {t: head_accuracy(h, target, val_ids) for t, h in heads.items()}  # t -> (n_heads, RANKS)
-    best = max(acc, key=lambda t: expected_accepted(acc[t][:, 0].tolist()))
-    for t, a in acc.items():
-        print(f"blockwise heads ({t}): agreement per head {[round(x, 3) for x in a[:, 0].tolist()]}, "
-              f"expected accepted drafts {expected_accepted(a[:, 0].tolist()):.2f}")
-    save_heads(out / "blockwise.pt", heads[best], acc[best],
-               meta={"teacher": best, "acc": {t: a.tolist() for t, a in acc.items()}})
-    print(f"saved {out / 'blockwise.pt'} (teacher {best!r})")
+    overlap = {t: head_overlap(h, target, val_ids) for t, h in heads.items()}  # t -> (n_heads,)
+    greedy_set = args.heads_teacher if args.heads_teacher != "compare" else \
+        max(acc, key=lambda t: expected_accepted(acc[t][:, 0].tolist()))
+    for t in teachers:
+        print(f"blockwise heads ({t}): greedy agreement per head {[round(x, 2) for x in acc[t][:, 0].tolist()]} "
+              f"(expected accepted drafts {expected_accepted(acc[t][:, 0].tolist()):.2f}); 1 - TV(p, q) at "
+              f"T={SAMPLE_T} per head {[round(x, 2) for x in overlap[t].tolist()]}")
+    save_heads(out / "blockwise.pt", heads[greedy_set], acc[greedy_set], heads["sampled"],
+               meta={"teacher": greedy_set, "sampling_teacher": "sampled", "acc": {t: a.tolist() for t, a in acc.items()},
+                     "overlap": {t: o.tolist() for t, o in overlap.items()}})
+    print(f"saved {out / 'blockwise.pt'} (greedy set: teacher {greedy_set!r}; sampling set: 'sampled')")
 
 
 def expected_accepted(agreement):

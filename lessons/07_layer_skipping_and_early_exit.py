@@ -25,15 +25,19 @@ from common import lesson, prompts, run, section, show_mask
 from minispec import Stats, generate, make_drafter, masks
 
 K = 4
+TEMPERATURE = 0.8  # for the sampled drafts' acceptance
 
 
 def agreement(model, x, layers=None, skip=frozenset()):
-    """How often the cheap model's argmax equals the full model's, over the token ids x (1, T)."""
+    """How close the cheap model is to the full one over the token ids x (1, T): how often its
+    argmax is the full model's (a greedy draft's acceptance), and the mean of sum_x min(p, q) =
+    1 - TV(p, q) at TEMPERATURE (a sampled draft's acceptance, q the cheap model's distribution)."""
     T = x.size(1)
     pos, mask = torch.arange(T), masks.causal(T)
-    full = model(x, pos, mask)[0].argmax(-1)
-    cheap = model.head(model.run_layers(model.embed(x, pos), mask, layers=layers, skip=skip))[0].argmax(-1)
-    return float((cheap == full).float().mean())
+    full = model(x, pos, mask)[0]  # (1, T, V)
+    cheap = model.head(model.run_layers(model.embed(x, pos), mask, layers=layers, skip=skip))[0]
+    p, q = (torch.softmax(logits / TEMPERATURE, -1) for logits in (full, cheap))
+    return float((cheap.argmax(-1) == full.argmax(-1)).float().mean()), float(torch.minimum(p, q).sum(-1).mean())
 
 
 def decode(model, ckpt, method, test_prompts, **options):
@@ -60,23 +64,24 @@ def main():
 
     section("early exit: agreement of the first E layers (+ final norm and LM head) with the full model")
     print(f"agreement on {x.size(1)} held-out tokens; tau decoding 2 prompts x 48 tokens with k = {K} drafts a step;")
-    print("estimate = tau / (1 + k c), c = a draft's cost in target forwards (Leviathan et al.; c ~ E/L here)")
-    print(f"{'exit E':>6} {'c':>5} {'agreement':>9} {'tau':>5} {'estimate':>8}")
+    print("estimate = tau / (1 + k c), c = a draft's cost in target forwards (Leviathan et al.; c ~ E/L here);")
+    print(f"1 - TV: how often a draft sampled at temperature {TEMPERATURE} is accepted, on the same tokens")
+    print(f"{'exit E':>6} {'c':>5} {'agreement':>9} {'tau':>5} {'estimate':>8} {'1 - TV':>6}")
     for E in range(1, L):
         total, _ = decode(model, ckpt, "earlyexit", test_prompts, exit_layer=E, gamma=None)
-        print(f"{E:>6} {E / L:>5.2f} {agreement(model, x, layers=range(E)):>9.2f} {total.tau:>5.2f} "
-              f"{total.tau / (1 + K * E / L):>7.2f}x")
+        agree, overlap = agreement(model, x, layers=range(E))
+        print(f"{E:>6} {E / L:>5.2f} {agree:>9.2f} {total.tau:>5.2f} {total.tau / (1 + K * E / L):>7.2f}x {overlap:>6.2f}")
 
     section("layer skipping: agreement with ONE sub-layer skipped (the rest of the model runs)")
     for layer in range(L):
-        scores = [agreement(model, x, skip={(layer, part)}) for part in ("attn", "mlp")]
+        scores = [agreement(model, x, skip={(layer, part)})[0] for part in ("attn", "mlp")]
         print(f"  layer {layer}: skip attn {scores[0]:.2f}   skip mlp {scores[1]:.2f}")
     total, drafter = decode(model, ckpt, "layerskip", test_prompts, gamma=None)
     c = len(drafter.drafted_parts()) / (2 * L)
     print(f"the layerskip drafter ({'searched' if (Path(ckpt) / 'layerskip.pt').is_file() else 'default'} skip set) "
           f"skips {sorted(drafter.skip)}")
     print(f"measured: it runs {len(drafter.drafted_parts())} of {2 * L} sub-layers (c ~ {c:.2f}), agreement "
-          f"{agreement(model, x, skip=drafter.skip):.2f}, tau {total.tau:.2f}, estimate {total.tau / (1 + K * c):.2f}x")
+          f"{agreement(model, x, skip=drafter.skip)[0]:.2f}, tau {total.tau:.2f}, estimate {total.tau / (1 + K * c):.2f}x")
     print("Skipping a sub-layer that barely changes the argmax is nearly free in acceptance; a good skip set")
     print("(exercise 5) saves the most compute for the least agreement. train_tiny.py --layerskip-search finds")
     print("one by timing the pieces of a forward; lesson 09 and decode.py measure real tokens/s.")

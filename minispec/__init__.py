@@ -12,19 +12,21 @@ sampling.draw(logits) to pick its tokens), observe(step) receives the verificati
 The layers, each importing only from those below it:
     tools     bench (methods side by side), html_report
     methods   drafters/ (one file per method) and their registry
-    loop      speculative: Draft, Drafter, Sampling, Step, Stats, Result, step, generate
+    loop      speculative: Draft, Drafter, Sampling, Step, Stats, Result, step, generate;
+              adaptive: the draft length chosen before every step (k="auto")
     runtime   cudagraph: fixed-shape forwards (CUDA graphs, or their buffers eagerly), the timer
     core      model, kvcache, masks, verify, errors
     support   tokenizer, data, train, checkpoint, gpt2, cli (used by the methods and the scripts)
 """
 
+from .adaptive import Adaptive
 from .checkpoint import load_target as load
 from .cudagraph import StaticForwards
-from .drafters import METHODS, make_drafter
+from .drafters import AUTO_K_MAX, METHODS, make_drafter
 from .errors import MinispecError
 from .gpt2 import load_gpt2
 from .model import GPT, GPTConfig
 from .speculative import Draft, Drafter, Result, Sampling, Stats, Step, generate, step
 
-__all__ = ["load", "load_gpt2", "generate", "step", "make_drafter", "METHODS", "GPT", "GPTConfig", "Draft",
+__all__ = ["Adaptive", "load", "load_gpt2", "generate", "step", "make_drafter", "METHODS", "AUTO_K_MAX", "GPT", "GPTConfig", "Draft",
            "Drafter", "Sampling", "Step", "Stats", "Result", "StaticForwards", "MinispecError"]

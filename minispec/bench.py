@@ -34,6 +34,7 @@ def make_drafters(model, ckpt, k, methods=None):
 def row(method, k, stats):
     """One method's line of the report: the keys of decode.py's JSON."""
     return {"method": method, "k": 0 if method == "ar" else k, "tau": round(stats.tau, 3),
+            "depth": round(stats.proposed / max(stats.target_forwards, 1), 2),  # mean draft depth per step
             "alpha": round(stats.alpha, 3), "accept_at": [round(a, 3) for a in stats.accept_at],
             "tokens_per_s": round(stats.tokens_per_s, 1), "new_tokens": stats.new_tokens,
             "target_forwards": stats.target_forwards, "draft_s": round(stats.draft_s, 3),
@@ -94,12 +95,12 @@ def unsteady(spread, limit=UNSTEADY):
 
 def table(rows):
     """The rows as the aligned text table decode.py prints."""
-    lines = [f"{'method':<12} {'k':>2} {'tau':>5} {'alpha':>5} {'tok/s':>7} {'speedup':>7} {'draft s':>7} "
+    lines = [f"{'method':<12} {'k':>4} {'depth':>5} {'tau':>5} {'alpha':>5} {'tok/s':>7} {'speedup':>7} {'draft s':>7} "
              f"{'verify s':>8} {'identical':>9}  accept at 1..k"]
     for r in rows:
         same = ("-" if r["identical_to_ar"] is None else "yes" if r["identical_to_ar"] else
                 f"NO {r['differing_from_ar']}/{r['new_tokens']}")
-        lines.append(f"{r['method']:<12} {r['k']:>2} {r['tau']:>5.2f} {r['alpha']:>5.2f} {r['tokens_per_s']:>7.1f} "
+        lines.append(f"{r['method']:<12} {r['k']:>4} {r['depth']:>5.2f} {r['tau']:>5.2f} {r['alpha']:>5.2f} {r['tokens_per_s']:>7.1f} "
                      f"{r['speedup']:>6.2f}x {r['draft_s']:>7.2f} {r['verify_s']:>8.2f} {same:>9}  "
                      f"{' '.join(f'{a:.2f}' for a in r['accept_at'])}")
     return "\n".join(lines)

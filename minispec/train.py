@@ -112,12 +112,13 @@ def warm_start(model, target):
 
 
 @torch.no_grad()
-def greedy_continuations(model, ids, n_seqs=512, prefix_len=32, batch_size=64, seed=0, log=print):
-    """Sequence-level distillation data: the model's own greedy continuations of corpus prefixes.
+def continuations(model, ids, n_seqs=512, prefix_len=32, batch_size=64, seed=0, temperature=0.0, log=print):
+    """Sequence-level distillation data: the model's own continuations of corpus prefixes.
 
-    Draws n_seqs random prefixes from ids, continues each greedily to the full context through a
-    batched KV cache, and returns the sequences (prefix + continuation) concatenated, each
-    followed by the end-of-text id (the last vocabulary id), as a numpy array like the corpus.
+    Draws n_seqs random prefixes from ids, continues each to the full context through a batched
+    KV cache, greedily (temperature 0) or sampling at `temperature`, and returns the sequences
+    (prefix + continuation) concatenated, each followed by the end-of-text id (the last
+    vocabulary id), as a numpy array like the corpus.
     """
     model.eval()
     device = next(model.parameters()).device
@@ -134,7 +135,11 @@ def greedy_continuations(model, ids, n_seqs=512, prefix_len=32, batch_size=64, s
         pos = torch.arange(prefix_len, device=device)
         logits, _ = model(x, pos, masks.causal(prefix_len, device), cache, pos)
         for i in range(new_tokens):
-            nxt = logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
+            if temperature == 0:
+                nxt = logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
+            else:
+                probs = torch.softmax(logits[:, -1] / temperature, -1)
+                nxt = torch.multinomial(probs.cpu(), 1, generator=generator).to(device)  # (B, 1)
             seqs.append(nxt)
             if i + 1 < new_tokens:
                 p = prefix_len + i
@@ -142,7 +147,8 @@ def greedy_continuations(model, ids, n_seqs=512, prefix_len=32, batch_size=64, s
                 logits, _ = model(nxt, slot, masks.cached_block(p, masks.causal(1), p + 1, device), cache, slot)
         full = torch.cat(seqs + [torch.full((x.size(0), 1), eot, device=device)], dim=1)
         out.append(full.flatten().cpu())
-        log(f"distillation data: {min(b + batch_size, n_seqs)}/{n_seqs} greedy continuations")
+        kind = "greedy" if temperature == 0 else f"sampled (T={temperature})"
+        log(f"distillation data: {min(b + batch_size, n_seqs)}/{n_seqs} {kind} continuations")
     return torch.cat(out).numpy().astype(ids.dtype)
 
 

@@ -43,6 +43,7 @@ def one_line_error(proc, *words):
     (["--k", "0"], ["--k"]),
     (["--k", "-3"], ["--k"]),
     (["--k", "100000"], ["--k"]),
+    (["--k", "banana"], ["--k", "auto"]),
     (["--seed", str(2 ** 70)], ["--seed"]),
     (["--seed", "-1"], ["--seed"]),
     (["--beta", "0"], ["--beta"]),
@@ -169,6 +170,7 @@ def test_damaged_target(ckpt_copy, change, words):
 
 @pytest.mark.parametrize("method, file, change, words", [
     ("blockwise", "blockwise.pt", lambda s: s.pop("acc"), ["'acc'"]),
+    ("blockwise", "blockwise.pt", lambda s: s.pop("sampling_heads"), ["'sampling_heads'"]),
     ("blockwise", "blockwise.pt", lambda s: s.update(n_heads="12"), ["'n_heads'"]),
     ("blockwise", "blockwise.pt", lambda s: s.update(acc=s["acc"][:, :2]), ["accuracies"]),
     ("blockwise", "blockwise.pt", lambda s: s.update(n_tokens=s["n_tokens"] + 1), ["do not match"]),
@@ -198,7 +200,9 @@ def test_drafter_made_for_another_target(ckpt_copy, change):
 def test_interrupted_training_keeps_the_earlier_checkpoint(ckpt_copy, sig):
     before = {p.name: p.read_bytes() for p in ckpt_copy.glob("*.pt")}
     proc = subprocess.Popen([sys.executable, str(ROOT / "train_tiny.py"), "--preset", "test", "--out", str(ckpt_copy),
-                             "--seed", "1"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                             "--seed", "1"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as in a terminal, even
+    # when pytest itself runs in the background, where the shell has it (and its children) ignore SIGINT
     time.sleep(6)  # well into training: corpus, tokenizer, the target's steps
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=120)

@@ -1,6 +1,6 @@
 """The layering holds: imports point down, never up, counting imports inside functions.
 
-core (model, kvcache, masks, verify, errors) -> runtime (cudagraph) -> loop (speculative) ->
+core (model, kvcache, masks, verify, errors) -> runtime (cudagraph) -> loop (speculative, adaptive) ->
 methods (drafters/) -> tools (bench, html_report) -> scripts (train_tiny.py, decode.py, lessons/).
 Read from the source with ast, so a cycle hidden in a function body is found too.
 """
@@ -10,7 +10,7 @@ import ast
 from tests.helpers import ROOT
 
 CORE = {"model", "kvcache", "masks", "verify", "errors"}
-LAYER = {**dict.fromkeys(CORE, 0), "cudagraph": 1, "speculative": 2, "drafters": 3, "bench": 4, "html_report": 4}
+LAYER = {**dict.fromkeys(CORE, 0), "cudagraph": 1, "speculative": 2, "adaptive": 2, "drafters": 3, "bench": 4, "html_report": 4}
 
 
 def module_name(path):

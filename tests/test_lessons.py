@@ -22,13 +22,14 @@ KEY_LINES = {  # lesson number -> patterns its output must match
     "02": [r"the tree's logits equal", r"\[M\]s present equal a plain causal", r"each group's logits equal",
            r"one token at each position t..its own: True"],
     "03": [r"tokens identical to plain greedy decoding: True", r"noise floor", r"tau \d+\.\d+, alpha"],
-    "04": [r"acceptance as k grows", r"^ *6 +\d+\.\d+ +\d+\.\d+ +True", r"no other model forward"],
+    "04": [r"acceptance as k grows", r"^ *6 +\d+\.\d+ +\d+\.\d+ +True", r"no other model forward",
+           r"sampling set: 1 - TV\(p, q\) per head .*\d\.\d\d$", r"without knowing the token before it can do: \d\.\d\d"],
     "05": [r"^mask +1 .* True", r"^blockwise .* True", r"^draft_model .* True"],
     "06": [r"the fixed point equals greedy decoding: True", r"^lookahead .* True", r"lookahead pool holds \d+"],
-    "07": [r"^ +1 +\d\.\d\d +\d\.\d\d +\d\.\d\d +\d\.\d\dx$", r"layer 0: skip attn", r"runs \d+ of \d+ sub-layers"],
+    "07": [r"^ +1 +\d\.\d\d +\d\.\d\d +\d\.\d\d +\d\.\d\dx +\d\.\d\d$", r"layer 0: skip attn", r"runs \d+ of \d+ sub-layers"],
     "08": [r"^ar +static tokens == plain tokens: True", r"^mask +static tokens == plain tokens: True",
            r"\d+ recordings", r"^T=1: plain \d\.\d+ ms"],
-    "09": [r"every method identical to greedy: True", r"^ar +0 +1\.00", r"wrote out/lesson09\.html"],
+    "09": [r"every method identical to greedy: True", r"^ar +0 +0\.00 +1\.00", r"wrote out/lesson09\.html"],
 }
 
 

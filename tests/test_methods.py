@@ -23,7 +23,7 @@ def greedy_reference(tiny, tiny_ckpt):
 
 
 @pytest.mark.parametrize("method", DRAFTERS)
-@pytest.mark.parametrize("k", [1, 2, 4, 8])
+@pytest.mark.parametrize("k", [1, 2, 4, 8, "auto"])
 def test_greedy_identical_to_autoregressive(method, k, tiny, tiny_ckpt, greedy_reference):
     model, _ = tiny
     drafter = minispec.make_drafter(method, model, ckpt=tiny_ckpt, k=k)

@@ -16,7 +16,8 @@ correction drawn from p instead of the residual after accepted drafts, blockwise
 against another head's q, and several candidates tried without renormalising the residual.
 
 A "chaos" drafter proposing random chains, trees and several-path drafts goes through the same
-exact test, and must leave greedy decoding unchanged.
+exact test, and must leave greedy decoding unchanged. So does the adaptive draft length
+(k="auto"), its choices driven by a random clock so that they vary from step to step.
 
 The target is a random GPT over 5 tokens whose layers outweigh its embeddings (so that skipping
 layers changes the distribution and self-drafted tokens get rejected) and whose final norm is
@@ -35,6 +36,7 @@ import torch
 
 import minispec
 from minispec import masks, speculative, verify
+from minispec.adaptive import Adaptive
 from minispec.speculative import Draft, Drafter, generate
 from minispec.verify import sample, target_probs
 from tests.helpers import chi_square_p_value, random_gpt
@@ -361,3 +363,26 @@ def test_chaos_leaves_greedy_decoding_unchanged(target):
             assert generate(target, prompt, 12, chaos).tokens == expected, f"prompt {prompt}"
     assert any(len(path) > 2 for path in paths), "no chaos draft accepted to depth 2: the test proves little"
     assert any(path != list(range(len(path))) for path in paths), "no accepted path needed compacting"
+
+
+class RandomClock:
+    """A timer that advances by a random amount at every reading: the adaptive drafter's cost
+    fit, and so its choice of depth, jumps around (reproducibly), as on a busy machine."""
+
+    def __init__(self, seed=0):
+        self.now, self.generator = 0.0, torch.Generator().manual_seed(seed)
+
+    def __call__(self):
+        self.now += float(torch.rand(1, generator=self.generator))
+        return self.now
+
+
+@pytest.mark.parametrize("method", ["draft_model", "chaos"])
+def test_sampling_is_exact_with_adaptive_k(target, method):
+    """The depth is chosen from earlier steps only, so every choice leaves the distribution exact."""
+    drafter = Adaptive(make(method, target), clock=RandomClock())
+    p, tally = check_exact(target, method, "T=1", drafter)
+    assert p > PASS, f"{method} with adaptive k: the sampled sequences are not the target's (p = {p:.3g})"
+    assert drafter.chosen[0] and sum(drafter.chosen[2:]), f"the depths chosen did not vary: {drafter.chosen}"
+    for what in ("accepted", "rejected", "correction"):
+        assert tally.total("chain", what, DEEP), f"{method} with adaptive k: no chain {what} at depth 2 and beyond"

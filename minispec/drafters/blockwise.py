@@ -42,16 +42,24 @@ r-th choice was the target's greedy token on held-out text (measured after train
 the heads). On a CPU a block is NOT free: a fixed cost per forward plus a cost per block token,
 so the default tree is small (8 nodes): larger trees raise tau but not the speed.
 
-Training (train_heads): the target is frozen; heads learn with cross-entropy to predict
-token t+1+i from h_t. What they learn from (`teacher`): the corpus, or the target's own greedy
-continuations (self-distillation: what greedy verification accepts, and the better teacher).
-The target's hidden states are computed once for the whole training set, so a step costs the
-heads and the vocabulary projection only. `train_tiny.py --heads-teacher compare` trains both
-and keeps the better.
+Training (train_heads): the target is frozen; heads learn to predict token t+1+i from h_t.
+What they learn from (`teacher`): the corpus or the target's own greedy continuations
+(self-distillation: what greedy verification accepts, and the better teacher), with
+cross-entropy to the window's next token; or the target's whole next-token distribution there
+as the label, on its greedy continuations ("soft") or on continuations sampled from it
+("sampled"). The target's hidden states are computed once for the whole training set, so a step
+costs the heads and the vocabulary projection only. `train_tiny.py --heads-teacher compare`
+trains every teacher and keeps the best for greedy decoding.
 
-Sampling: the tree is for greedy decoding only. With sampling the drafter proposes one chain,
-each head's softmax (at the decoding temperature) being q, the distribution its draft is drawn
-from; speculative sampling then keeps the target's distribution exactly.
+Sampling: a sampled draft d ~ q is accepted with probability min(1, p(d) / q(d)), on average
+sum_x min(p(x), q(x)) = 1 - TV(p, q). Heads trained on hard greedy labels put q's mass on the
+greedy token where the target spreads it, and are rarely accepted. So a checkpoint holds TWO
+sets of heads: the greedy set, and a sampling set trained on sampled continuations against the
+target's distributions ("sampled"), whose q is close to p (head_overlap measures 1 - TV on
+held-out sampled text). With sampling the drafter uses the sampling set and proposes one chain
+(the tree is for greedy decoding), each head's softmax at the decoding temperature being q, the
+distribution its draft is drawn from; speculative sampling then keeps the target's distribution
+exactly.
 """
 
 from dataclasses import replace
@@ -64,9 +72,10 @@ import torch.nn.functional as F
 from .. import checkpoint, masks
 from ..errors import MinispecError
 from ..speculative import Draft, Drafter
-from ..train import fit, greedy_continuations
+from ..train import continuations, fit
 
-TEACHERS = ("corpus", "greedy")
+TEACHERS = ("corpus", "greedy", "soft", "sampled")
+SAMPLE_T = 0.8  # the temperature of the "sampled" teacher's continuations
 RANKS = 4  # the tree draws on each head's top RANKS tokens
 N_TOKENS = 5  # the heads see the embeddings of the newest 5 tokens besides h_t
 
@@ -84,17 +93,18 @@ class Heads(nn.Module):
         self.weight = nn.Parameter(torch.zeros(n_heads, (1 + n_tokens) * n_embd, n_embd))
         self.bias = nn.Parameter(torch.zeros(n_heads, 1, n_embd))
 
-    def forward(self, h, e):  # h (..., C), e (..., n_tokens, C) -> (n_heads, ..., C)
-        C = h.size(-1)
+    def forward(self, h, e, n=None):  # h (..., C), e (..., n_tokens, C) -> (n, ..., C): the first n heads
+        C, n = h.size(-1), n or len(self.weight)
         x = torch.cat([h, e.flatten(-2)], -1).reshape(1, -1, self.weight.size(1))  # (1, N, (1+n_tokens)C)
-        out = h.reshape(1, -1, C) + torch.baddbmm(self.bias, x.expand(len(self.weight), -1, -1), self.weight)
-        return out.view(len(self.weight), *h.shape)
+        out = h.reshape(1, -1, C) + torch.baddbmm(self.bias[:n], x.expand(n, -1, -1), self.weight[:n])
+        return out.view(n, *h.shape)
 
 
-def head_logits(heads, target, hidden, tokens):
+def head_logits(heads, target, hidden, tokens, n=None):
     """hidden (..., C) the target's final hidden states, tokens (..., n_tokens) the target's next token
-    there, then the ones before it -> (n_heads, ..., V) through the target's own vocabulary projection."""
-    return target.lm_head(heads(hidden, target.transformer.wte(tokens)))
+    there, then the ones before it -> (n, ..., V) for the first n heads (default all) through the
+    target's own vocabulary projection."""
+    return target.lm_head(heads(hidden, target.transformer.wte(tokens), n))
 
 
 def tree_nodes(acc, k, size):
@@ -127,9 +137,14 @@ def tree_draft(nodes):
 
 
 class Blockwise(Drafter):
-    def __init__(self, target, heads, acc, tree_size):
+    """heads for greedy decoding, sampling_heads (default: the same) when sampling."""
+
+    def __init__(self, target, heads, acc, tree_size, sampling_heads=None):
         self.target, self.heads, self.k = target, heads, len(heads.weight)
-        self.tree, self.node_head, self.node_rank = tree_draft(tree_nodes(acc, self.k, tree_size))
+        self.sampling_heads = sampling_heads or heads
+        # the best tree of each depth up to k: a step with less room (or a shorter chosen draft) gets
+        # the best shallower tree, not the deep one cut short
+        self.trees = [None] + [tree_draft(tree_nodes(acc, depth, tree_size)) for depth in range(1, self.k + 1)]
         self.hidden = None  # the target's hidden state at the last accepted token
 
     def start(self, prompt, cache):
@@ -141,19 +156,21 @@ class Blockwise(Drafter):
         recent = seq[:-self.heads.n_tokens - 1:-1]  # x_{t+1}, x_t, ... newest first
         recent += recent[-1:] * (self.heads.n_tokens - len(recent))  # a short prompt: repeat its first token
         tokens = torch.tensor(recent, device=self.hidden.device)  # (n_tokens,)
-        logits = head_logits(self.heads, self.target, self.hidden, tokens)  # (k, V)
-        if sampling.temperature == 0:  # the tree; the loop trims it to `room`
-            top = logits.topk(RANKS, -1).indices.cpu()  # (k, RANKS)
-            return replace(self.tree, tokens=top[self.node_head, self.node_rank])
-        return Draft.chain(*sampling.draw(logits[:min(self.k, room)]))  # q (k, V): each head's own
+        k = min(self.k, room)
+        if sampling.temperature == 0:  # the best tree of depth k
+            tree, node_head, node_rank = self.trees[k]
+            top = head_logits(self.heads, self.target, self.hidden, tokens, k).topk(RANKS, -1).indices.cpu()  # (k, RANKS)
+            return replace(tree, tokens=top[node_head, node_rank])
+        logits = head_logits(self.sampling_heads, self.target, self.hidden, tokens, k)  # (k, V)
+        return Draft.chain(*sampling.draw(logits))  # q (k, V): each head's own
 
     def observe(self, step):
         self.hidden = step.hidden[step.path[-1]]  # (C,): the verification forward already computed it
 
 
-def save_heads(path, heads, acc, meta):
+def save_heads(path, heads, acc, sampling_heads, meta):
     checkpoint.save(path, "blockwise", n_heads=len(heads.weight), n_tokens=heads.n_tokens,
-                    heads=heads.state_dict(), acc=acc, meta=meta)
+                    heads=heads.state_dict(), acc=acc, sampling_heads=sampling_heads.state_dict(), meta=meta)
 
 
 def make(model, ckpt=None, k=4, untrained=False, tree_size=8):
@@ -167,14 +184,17 @@ def make(model, ckpt=None, k=4, untrained=False, tree_size=8):
     if ckpt is None:
         raise MinispecError("blockwise needs trained heads: make them with `python train_tiny.py`")
     path = Path(ckpt) / "blockwise.pt"
-    state = checkpoint.load(path, "blockwise", device, n_heads=int, n_tokens=int, heads=dict, acc=torch.Tensor)
+    state = checkpoint.load(path, "blockwise", device, n_heads=int, n_tokens=int, heads=dict, acc=torch.Tensor,
+                            sampling_heads=dict)
     if k > state["n_heads"]:
         raise MinispecError(f"blockwise was trained with {state['n_heads']} heads; k={k} asks for more")
     if state["n_tokens"] < 1 or tuple(state["acc"].shape) != (state["n_heads"], RANKS):
         raise MinispecError(f"{path}: its head accuracies do not match its {state['n_heads']} heads")
-    heads = Heads(model.config.n_embd, k, state["n_tokens"])  # the first k heads; the target's width
-    checkpoint.load_weights(heads, {name: w[:k] for name, w in state["heads"].items()}, path)
-    return Blockwise(model, heads.to(device).eval(), state["acc"][:k].cpu(), tree_size)
+    sets = []
+    for name in ("heads", "sampling_heads"):
+        heads = Heads(model.config.n_embd, k, state["n_tokens"])  # the first k heads; the target's width
+        sets.append(checkpoint.load_weights(heads, {n: w[:k] for n, w in state[name].items()}, path).to(device).eval())
+    return Blockwise(model, sets[0], state["acc"][:k].cpu(), tree_size, sets[1])
 
 
 def recent_positions(t, n):
@@ -192,12 +212,14 @@ def hidden_states(target, seqs, batch_size=32):
 
 def training_windows(target, ids, n_seqs, teacher, seed):
     """(N, T) windows to learn from, and the first position whose labels are all worth learning:
-    the corpus, or the target's greedy continuations of corpus prefixes (labels past the prefix)."""
+    the corpus, or the target's own continuations of corpus prefixes (labels past the prefix),
+    greedy or, for "sampled", sampled at SAMPLE_T."""
     T = target.config.block_size
     device = next(target.parameters()).device
-    if teacher == "greedy":
-        prefix = min(32, T // 4)  # greedy_continuations' default prefix
-        seqs = greedy_continuations(target, ids, n_seqs=n_seqs, seed=seed, log=lambda line: None)
+    if teacher != "corpus":
+        prefix = min(32, T // 4)  # continuations' default prefix
+        seqs = continuations(target, ids, n_seqs=n_seqs, seed=seed, temperature=SAMPLE_T * (teacher == "sampled"),
+                             log=lambda line: None)
         return torch.as_tensor(seqs.astype("int64")).view(n_seqs, T + 1)[:, :T].to(device), prefix - 1
     starts = torch.randint(len(ids) - T, (n_seqs,), generator=torch.Generator().manual_seed(seed))
     return torch.stack([torch.as_tensor(ids[s:s + T].astype("int64")) for s in starts.tolist()]).to(device), 0
@@ -217,10 +239,29 @@ def head_accuracy(heads, target, ids, n_seqs=64, new_tokens=128, seed=1234):
     return (top == labels[..., None]).float().mean((1, 2)).cpu()
 
 
+@torch.no_grad()
+def head_overlap(heads, target, ids, temperature=SAMPLE_T, n_seqs=16, new_tokens=128, seed=1234):
+    """(n_heads,): the mean of sum_x min(p(x), q(x)) = 1 - TV(p, q) over held-out continuations
+    sampled at `temperature`, q being head i's distribution at the decoding temperature and p the
+    target's for the same token given the sampled tokens before it: what a sampled draft from
+    head i is accepted with when the drafts before it were."""
+    seqs, first = training_windows(target, ids, n_seqs, "sampled", seed)
+    n = len(heads.weight)
+    t = torch.arange(first, min(first + new_tokens, seqs.size(1) - n - 1), device=seqs.device)  # (P,)
+    hidden = hidden_states(target, seqs)  # (N, T, C)
+    q = torch.softmax(head_logits(heads, target, hidden[:, t], seqs[:, recent_positions(t, heads.n_tokens)])
+                      / temperature, -1)  # (n, N, P, V)
+    overlap = [torch.minimum(q[i], torch.softmax(target.lm_head(hidden[:, t + 1 + i]) / temperature, -1)).sum(-1)
+               for i in range(n)]  # (N, P) each
+    return torch.stack(overlap).mean((1, 2)).cpu()
+
+
 def train_heads(target, train_ids, n_heads, steps, batch_size, lr, teacher="greedy", n_seqs=512,
                 log=print, seed=0):
     """Train n_heads heads on the frozen target from n_seqs windows; batch_size positions a step.
-    teacher: "corpus" or "greedy" (self-distillation)."""
+    teacher: one of TEACHERS. "corpus" and "greedy" learn the window's next tokens (cross-entropy
+    to one token); "soft" (greedy windows) and "sampled" learn the target's whole next-token
+    distribution there (cross-entropy to it), which is what sampled drafts must match."""
     target.requires_grad_(False)  # the base stays frozen; only the heads learn
     log(f"blockwise heads ({teacher}): preparing {n_seqs} training windows")
     seqs, first = training_windows(target, train_ids, n_seqs, teacher, seed)  # (N, T)
@@ -228,13 +269,18 @@ def train_heads(target, train_ids, n_heads, steps, batch_size, lr, teacher="gree
     heads = Heads(target.config.n_embd, n_heads).to(seqs.device)
     T = seqs.size(1)
     generator = torch.Generator().manual_seed(seed)
+    ahead = torch.arange(n_heads, device=seqs.device)  # head i predicts token t + 2 + i
 
     def batch_loss(step):
         s = torch.randint(len(seqs), (batch_size,), generator=generator).to(seqs.device)  # (B,)
         t = torch.randint(first, T - n_heads - 1, (batch_size,), generator=generator).to(seqs.device)  # (B,)
         tokens = seqs[s[:, None], recent_positions(t, heads.n_tokens)]  # (B, n_tokens)
         logits = head_logits(heads, target, hidden[s, t], tokens)  # (n_heads, B, V)
-        labels = torch.stack([seqs[s, t + 2 + i] for i in range(n_heads)])  # (n_heads, B)
+        if teacher in ("soft", "sampled"):  # the target's distribution of token t+2+i, from its hidden state before it
+            with torch.no_grad():
+                p = torch.softmax(target.lm_head(hidden[s[None, :], (t[None, :] + 1 + ahead[:, None])]), -1)  # (n_heads, B, V)
+            return -(p * F.log_softmax(logits, -1)).sum(-1).mean()
+        labels = seqs[s[None, :], t[None, :] + 2 + ahead[:, None]]  # (n_heads, B)
         return F.cross_entropy(logits.flatten(0, 1), labels.flatten())
 
     fit(heads.parameters(), batch_loss, steps, lr, batch_size, label=f"blockwise heads ({teacher})", log=log)

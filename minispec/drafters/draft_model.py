@@ -36,7 +36,7 @@ from ..errors import MinispecError
 from ..model import GPT
 from ..speculative import Draft, Drafter, prefill
 from ..data import get_batch
-from ..train import eval_lm, fit, greedy_continuations, train_lm, warm_start
+from ..train import continuations, eval_lm, fit, train_lm, warm_start
 
 
 class DraftModel(Drafter):
@@ -108,7 +108,7 @@ def train_draft_model(target, train_ids, val_ids, steps, batch_size, lr, teacher
     device = next(target.parameters()).device
     draft = warm_start(GPT(replace(target.config, n_layer=1)).to(device), target)  # as wide, one layer
     if teacher == "greedy":
-        train_ids = greedy_continuations(target, train_ids, n_seqs=min(512, steps * batch_size // 2), log=log)
+        train_ids = continuations(target, train_ids, n_seqs=min(512, steps * batch_size // 2), log=log)
     if teacher in ("corpus", "greedy"):
         train_lm(draft, train_ids, val_ids, steps, batch_size, lr, seed, log, label=f"draft_model ({teacher})")
         return draft

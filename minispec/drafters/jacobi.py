@@ -149,6 +149,9 @@ class Lookahead(Drafter):
         del entries[self.G:]
 
     def propose(self, seq, room, sampling):
+        if room <= 0:  # nothing to draft: the pool catches up with the text next time
+            self.window_in_block = False
+            return Draft.chain([])
         if self.seed_pool:  # the text's own n-grams, from the prompt on
             for end in range(max(self.text_seen, self.N), len(seq) + 1):
                 self.remember(seq[end - self.N:end])

@@ -93,7 +93,7 @@ class LayerSkip(Drafter):
 
     def propose(self, seq, room, sampling):
         k = min(self.k, room)
-        self.states = []
+        self.states, self.drafted = [], 0
         if k <= 0:
             return Draft.chain([])
         t, device = len(seq) - 1, self.cache.kv.device

@@ -83,7 +83,7 @@ from ..data import get_batch
 from ..errors import MinispecError
 from ..model import GPT
 from ..speculative import Draft, Drafter
-from ..train import fit, greedy_continuations, warm_start
+from ..train import continuations, fit, warm_start
 
 TEACHERS = ("corpus", "greedy", "glancing")  # glancing: greedy targets, glancing on
 
@@ -215,7 +215,7 @@ def mask_token_batch(x, cuts, k, start=0):
 def greedy_sequences(target, ids, n_seqs, seed, log):
     """The target's greedy continuations of corpus prefixes, one per row: (n_seqs, block_size)."""
     T = target.config.block_size
-    flat = greedy_continuations(target, ids, n_seqs=n_seqs, seed=seed, log=log)
+    flat = continuations(target, ids, n_seqs=n_seqs, seed=seed, log=log)
     return torch.as_tensor(flat.astype("int64")).view(n_seqs, T + 1)[:, :T]  # drop the end-of-text
 
 

@@ -1,0 +1,123 @@
+"""Adaptive draft length: before every step, choose how deep to draft from what earlier steps measured.
+
+A fixed k is a guess made before decoding. Too short, and a drafter that is usually right leaves
+tokens on the table; too long, and every step pays for drafts that are rejected: drafting them
+and verifying a block of k + 1 tokens. `Adaptive` wraps any drafter and, before each step,
+picks the draft depth k in 0..k_max (0 is a plain autoregressive step) that maximises the
+expected new tokens per second:
+
+    E[tokens | k] = 1 + a_1 + a_1 a_2 + ... + a_1 a_2 ... a_k        (the bonus token, then the drafts)
+    seconds(k)    = the mean wall time of earlier steps that drafted k deep (drafting + verifying + the loop)
+    k*            = argmax_k  E[tokens | k] / seconds(k)
+
+a_i is how often the i-th draft was accepted when the drafts before it were (the loop's
+`accept_at`). The cost is measured per k, not fitted: it is not a straight line. Drafting has
+a fixed cost that the first draft pays in full (the heads' or the drafter's forward, whatever k
+is), and Lookahead's window only fits in the block at its full depth. A k not measured yet
+costs what the nearest measured one did. Each estimate is a weighted average that forgets its
+old observations (DECAY per new one), so the choice follows the text. The acceptance a_i is
+also kept apart for steps after a fully accepted draft and for the others, because a drafter
+that was just right all the way (a greedy loop, a copied line) is likely to be right again;
+where one of the two has seen little, it leans on both together (a prior worth PRIOR tries).
+The first step of every prompt is left out of the costs: it pays for warming up (a drafter's
+first forward over the prompt).
+
+Lossless by construction: k is chosen from earlier steps only, never from the target's outputs
+for this step, and for ANY k the step is an exact speculative step. So greedy output stays
+token-identical and sampling keeps the target's distribution, whatever k is chosen when.
+
+Measuring costs a little: the first k_max + 1 timed steps draft at depths 0, 1, ..., k_max once
+each (so that every depth has a cost), and every EXPLORE-th step drafts one token deeper than the
+choice, or one shallower (in turn), so that depths not chosen lately are still measured. A
+drafter that is never right ends up taking autoregressive steps, and pays only for those
+exploring steps. k = 0 calls the drafter's propose with room 0, which every drafter answers at
+once with an empty draft.
+"""
+
+import time
+
+from .speculative import Drafter
+
+DECAY = 0.98  # per step: a measurement 50 steps old counts about a third as much as the newest
+EXPLORE = 16  # every EXPLORE-th step drafts one token deeper than the choice
+PRIOR = 2.0  # how many tries the prior on a depth's acceptance is worth
+
+
+class Adaptive(Drafter):
+    """`drafter` with its draft depth chosen before every step, up to k_max (default drafter.k).
+    clock: the timer (tests give a fake one, so that the choices are reproducible)."""
+
+    def __init__(self, drafter, k_max=None, clock=time.perf_counter):
+        self.drafter, self.clock = drafter, clock
+        self.k = drafter.k if k_max is None else k_max
+        # per depth, decayed counts of drafts tried and accepted, after a step that was not (0)
+        # or was (1) accepted in full
+        self.tried = [[0.0] * self.k for _ in range(2)]
+        self.accepted = [[0.0] * self.k for _ in range(2)]
+        self.weight = [0.0] * (self.k + 1)  # per depth: decayed count of the steps timed ...
+        self.spent = [0.0] * (self.k + 1)  # ... and of the seconds they took
+        self.timed, self.steps, self.hot = 0, 0, 0  # steps timed, steps seen, the state after the last one
+        self.chosen = [0] * (self.k + 1)  # how often each depth was chosen, for reports
+
+    def start(self, prompt, cache):
+        self.hot, self.first = 0, True  # the previous prompt's last step says nothing about this one
+        self.drafter.start(prompt, cache)
+
+    def expected_tokens(self):
+        """[E[new tokens] of a step drafting k deep for k = 0..k_max], from the acceptance measured
+        so far in the current state, shrunk toward both states' together, and those toward the
+        depth above (1/2 at depth 1): a depth seldom drafted is expected to do as well as the one
+        above it."""
+        expected, run, pooled = [1.0], 1.0, 0.5
+        for i in range(self.k):
+            both = (self.accepted[0][i] + self.accepted[1][i] + PRIOR * pooled) / (
+                self.tried[0][i] + self.tried[1][i] + PRIOR)
+            rate = (self.accepted[self.hot][i] + PRIOR * both) / (self.tried[self.hot][i] + PRIOR)
+            pooled = both
+            run *= rate
+            expected.append(expected[-1] + run)
+        return expected
+
+    def seconds(self):
+        """[the expected wall time of a step drafting k deep for k = 0..k_max]: the mean of the
+        steps timed at k, or at the nearest k timed (1 second while nothing is)."""
+        timed = [k for k in range(self.k + 1) if self.weight[k]]
+        nearest = [min(timed, key=lambda j: abs(j - k), default=None) for k in range(self.k + 1)]
+        return [self.spent[j] / self.weight[j] if j is not None else 1.0 for j in nearest]
+
+    def choose(self):
+        if self.timed <= self.k:  # the first timed steps: every depth once
+            return self.timed
+        speed = [tokens / seconds for tokens, seconds in zip(self.expected_tokens(), self.seconds())]
+        best = speed.index(max(speed))
+        if self.steps % EXPLORE:
+            return best
+        deeper = best == 0 or (best < self.k and self.steps // EXPLORE % 2)
+        return best + 1 if deeper else best - 1
+
+    def propose(self, seq, room, sampling):
+        self.began = self.clock()
+        self.depth = self.choose()
+        self.chosen[self.depth] += 1
+        draft = self.drafter.propose(seq, min(room, self.depth), sampling)
+        self.drafted = max((len(path) - 1 for path in draft.paths), default=0)
+        return draft
+
+    def verify(self, model, idx, pos, mask, cache, slots):
+        return self.drafter.verify(model, idx, pos, mask, cache, slots)
+
+    def observe(self, step):
+        self.drafter.observe(step)
+        seconds, k = self.clock() - self.began, self.depth
+        if not self.first:
+            self.weight[k] = DECAY * self.weight[k] + 1.0
+            self.spent[k] = DECAY * self.spent[k] + seconds
+            self.timed += 1
+        accepted = min(len(step.path) - 1, self.drafted)
+        tried, hits = self.tried[self.hot], self.accepted[self.hot]
+        for i in range(min(accepted + 1, self.drafted)):  # depths reached: every accepted one and the first rejected
+            tried[i] = DECAY * tried[i] + 1
+            hits[i] = DECAY * hits[i] + (i < accepted)
+        self.hot = int(self.drafted > 0 and accepted == self.drafted)
+        self.first = False
+        self.steps += 1

@@ -1,0 +1,77 @@
+"""Adaptive draft length (k="auto"): it goes where the measurements point, and stays lossless.
+
+Its greedy identity with every method is in test_methods.py (k="auto") and its exact sampled
+distribution in test_sampling_exact.py; here, what it chooses. The drafters advance a fake
+clock by what their step would cost (1 + 0.3 k), so the choices do not depend on this machine.
+"""
+
+import pytest
+
+from minispec.adaptive import EXPLORE, Adaptive
+from minispec.speculative import Draft, Drafter, generate
+from tests.helpers import random_gpt
+
+
+class FakeClock:
+    now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+class Scripted(Drafter):
+    """Proposes the next tokens of `text` (right, as long as the text is greedy's) or a token
+    that greedy decoding never writes (always wrong); every step costs 1 + 0.3 k fake seconds."""
+    k = 6
+
+    def __init__(self, clock, text, prompt_len, wrong=None):
+        self.clock, self.text, self.prompt_len, self.wrong = clock, text, prompt_len, wrong
+
+    def propose(self, seq, room, sampling):
+        k = min(self.k, room)
+        self.clock.now += 1.0 + 0.3 * k
+        done = len(seq) - self.prompt_len
+        return Draft.chain([self.wrong] * k if self.wrong is not None else self.text[done:done + k])
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_gpt(vocab_size=50, scale=3.0, seed=4, block_size=256)
+
+
+def adaptive_run(model, right):
+    prompt = [1, 2, 3]
+    greedy = generate(model, prompt, 200).tokens
+    wrong = next(t for t in range(model.config.vocab_size) if t not in greedy)
+    clock = FakeClock()
+    drafter = Adaptive(Scripted(clock, greedy, len(prompt), None if right else wrong), clock=clock)
+    res = generate(model, prompt, 200, drafter)
+    assert res.tokens == greedy  # whatever it chose, the output is greedy decoding's
+    return drafter, res
+
+
+def test_a_drafter_that_is_never_right_ends_up_taking_autoregressive_steps(model):
+    drafter, res = adaptive_run(model, right=False)
+    k = drafter.k
+    assert res.stats.accepted == 0
+    steps = sum(drafter.chosen)
+    explored = steps // EXPLORE + 1
+    assert drafter.chosen[2:] == [1] * (k - 1), "deeper than 1: only in the first sweep over depths"
+    assert drafter.chosen[1] <= explored + 1, "depth 1: only the sweep and the exploring steps"
+    assert drafter.chosen[0] >= steps - explored - k
+
+
+def test_a_drafter_that_is_always_right_drafts_as_deep_as_it_may(model):
+    drafter, res = adaptive_run(model, right=True)
+    k = drafter.k
+    assert res.stats.accepted > 0
+    explored = sum(drafter.chosen) // EXPLORE + 1
+    assert drafter.chosen[k] >= sum(drafter.chosen) - k - explored, "less than k_max: the sweep and exploring steps"
+    assert res.stats.tau > k  # k drafts and the bonus on almost every step
+
+
+def test_the_costs_are_what_the_steps_took(model):
+    drafter, _ = adaptive_run(model, right=False)
+    seconds = drafter.seconds()
+    assert seconds[0] == pytest.approx(1.0)  # the autoregressive steps' mean
+    assert seconds[1:] == pytest.approx([1.0 + 0.3 * k for k in range(1, drafter.k + 1)])  # each depth's own
