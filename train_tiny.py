@@ -3,6 +3,8 @@
     python train_tiny.py                  # preset cpu: a few minutes on a 2-core CPU
     python train_tiny.py --preset test    # seconds: what the tests and CI use
     python train_tiny.py --preset gpu --device cuda
+    python train_tiny.py --consistency --out out/tiny-cllm   # a target tuned for Jacobi decoding (CLLM)
+    python train_tiny.py --consistency --tune-from out/tiny --out out/tiny-cllm   # ... from a trained target
 
 Steps: read the corpus (default: this Python's standard library source), train a byte-level
 BPE on it, encode it (cached as .npy in the output folder), train the target, then the drafters.
@@ -21,6 +23,7 @@ from minispec.cli import Parser, pick_device, run, set_threads, threads_flag
 from minispec.data import cached_encode, read_corpus
 from minispec.drafters.blockwise import (SAMPLE_T, TEACHERS as HEAD_TEACHERS, head_accuracy, head_overlap, save_heads,
                                          train_heads)
+from minispec.drafters.consistency import save_plain_target, tune_consistency
 from minispec.drafters.draft_model import TEACHERS, train_draft_model
 from minispec.drafters.layerskip import save_search, train_layerskip
 from minispec.drafters.mask_drafter import TEACHERS as MASK_TEACHERS, mask_agreement, save_drafter, train_mask_drafter
@@ -44,12 +47,15 @@ class Preset:
     n_heads: int = 12  # blockwise heads trained; decoding may use any k up to this
     heads_seqs: int = 512  # windows (greedy continuations) the blockwise heads learn from
     mask_steps: int = 1000  # [M]-token drafter training steps (k up to 12)
+    consistency_steps: int = 400  # --consistency: fine-tuning steps of the target
+    consistency_prompts: int = 512  # --consistency: corpus prompts whose Jacobi trajectories it learns from
 
 
 PRESETS = {
     "test": Preset(GPTConfig(block_size=128, vocab_size=384, n_layer=4, n_head=2, n_embd=48),
                    steps=150, batch_size=8, lr=3e-3, corpus_bytes=300_000, bpe_bytes=100_000, draft_steps=60,
-                   heads_steps=30, heads_seqs=32, mask_steps=40),
+                   heads_steps=30, heads_seqs=32, mask_steps=40,
+                   consistency_steps=20, consistency_prompts=32),
     "cpu": Preset(GPTConfig(block_size=256, vocab_size=2048, n_layer=6, n_head=4, n_embd=128),
                   steps=400, batch_size=16, lr=2e-3, corpus_bytes=None, bpe_bytes=3_000_000, draft_steps=200,
                   heads_steps=600, heads_seqs=1024),
@@ -90,6 +96,12 @@ def main():
                     help="train the target with LayerSkip's layer dropout and early-exit loss (better earlyexit drafts)")
     ap.add_argument("--layerskip-search", action="store_true",
                     help="also search the layerskip skip set and the earlyexit layer (about a minute)")
+    ap.add_argument("--consistency", action="store_true",
+                    help="consistency-tune the trained target for Jacobi decoding (CLLM) and train the drafters "
+                         "against the tuned one; the target before tuning is kept as target_plain.pt")
+    ap.add_argument("--tune-from", default=None, metavar="DIR",
+                    help="with --consistency: tune the target of this checkpoint folder (and use its tokenizer) "
+                         "instead of training a new one")
     ap.add_argument("--heads-teacher", choices=HEAD_TEACHERS + ("compare",), default="greedy",
                     help="what the greedy set of blockwise heads learns from (compare: train each, keep the best); "
                          "the sampling set always learns from sampled continuations")
@@ -103,6 +115,9 @@ def main():
         raise MinispecError("--out is empty: name the checkpoint folder (default out/tiny)")
     if not 0 <= args.seed < 2 ** 63:
         raise MinispecError(f"--seed must be from 0 to 2**63 - 1, got {args.seed}")
+    if args.tune_from and (not args.consistency or args.init_from or args.layerskip):
+        raise MinispecError("--tune-from takes a trained minispec target to tune: it needs --consistency, "
+                            "and no --init-from or --layerskip")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise MinispecError(f"--out {out} is a file, not a folder")
@@ -125,6 +140,8 @@ def main():
             break
     if args.init_from:  # a pretrained target brings its own tokenizer
         target, enc = load_gpt2(args.init_from, device)
+    elif args.tune_from:
+        target, enc = checkpoint.load_target(args.tune_from, device)
     else:
         enc = make_encoding(train_bpe(bpe_texts, preset.model.vocab_size))
     train_ids = cached_encode(enc, train_docs, out / "tokens-train.npy")
@@ -136,12 +153,19 @@ def main():
         raise MinispecError(f"the corpus is too small: the validation split needs more than "
                             f"{preset.model.block_size} tokens, it has {len(val_ids)}")
 
-    if not args.init_from:
+    if not (args.init_from or args.tune_from):
         target = GPT(preset.model).to(device)
     print(f"target: {target.num_params() / 1e6:.2f}M parameters, {target.config}")
-    result = ({"init_from": str(args.init_from)} if args.init_from else
-              (train_layerskip if args.layerskip else train_lm)(target, train_ids, val_ids, preset.steps,
-                                                                preset.batch_size, preset.lr, args.seed))
+    if args.init_from or args.tune_from:
+        result = {"init_from": str(args.init_from)} if args.init_from else {"tune_from": str(args.tune_from)}
+    else:
+        result = (train_layerskip if args.layerskip else train_lm)(target, train_ids, val_ids, preset.steps,
+                                                                   preset.batch_size, preset.lr, args.seed)
+    if args.consistency:
+        save_plain_target(out, target)
+        print(f"saved {out / 'target_plain.pt'} (the target before consistency tuning)")
+        result = {**result, "consistency": tune_consistency(target, train_ids, val_ids, preset.consistency_steps,
+                                                             n_prompts=preset.consistency_prompts, seed=args.seed)}
     meta = {"preset": args.preset, "data": args.data, "train": result, "prompts": heldout_prompts(val_docs)}
     checkpoint.save_target(out, target, enc, meta)
     print(f"saved {out / 'target.pt'}")

@@ -8,21 +8,29 @@ two: at most m updates reach exactly the greedy output. On a model trained left 
 rarely becomes right before the one ahead of it is, so plain Jacobi gains little. Lookahead
 decoding keeps the whole Jacobi trajectory in a 2-D window, harvests the n-grams along it into a
 pool, and verifies pool n-grams that start with the current token in the same forward: no
-training, no second model, and n-grams that do pay off.
+training, no second model, and n-grams that do pay off. Consistency training (CLLM) takes the
+other road: it fine-tunes the target itself to jump from any Jacobi state to the fixed point.
 
 Papers: Santilli et al., "Accelerating Transformer Inference for Translation via Parallel
 Decoding" (ACL 2023); Fu, Bailis, Stoica & Zhang, "Break the Sequential Dependency of LLM
-Inference Using Lookahead Decoding" (ICML 2024).
-File: minispec/drafters/jacobi.py (jacobi_solve, the Jacobi drafter, Lookahead and its pool).
+Inference Using Lookahead Decoding" (ICML 2024); Kou, Hu, He, Deng & Zhang, "CLLMs: Consistency
+Large Language Models" (ICML 2024).
+Files: minispec/drafters/jacobi.py (jacobi_solve, the Jacobi drafter, Lookahead and its pool),
+minispec/drafters/consistency.py (trajectories, the consistency loss, the tuning).
+Run it with --ckpt out/tiny-cllm (python train_tiny.py --consistency --out out/tiny-cllm) to see
+one trajectory before and after consistency tuning.
 """
 
 import torch
 
 from common import decode_prompts, lesson, prompts, run, section, show_mask
-from minispec import generate, make_drafter, masks
+from minispec import checkpoint, generate, make_drafter, masks
+from minispec.drafters.consistency import (FAST_FORWARDED, STATIONARY, jacobi_counts, jacobi_trajectories,
+                                           load_plain_target)
 from minispec.drafters.jacobi import jacobi_solve
 
 M = 12  # tokens solved by Jacobi iteration
+N = 16  # tokens per block in the consistency-training section, as in CLLM
 
 
 def main():
@@ -48,6 +56,25 @@ def main():
     print(f"measured: the fixed point equals greedy decoding: {guess.tolist() == greedy == tokens}, after "
           f"{iterations} updates for {M} tokens (autoregressive decoding needs {M} forwards too)")
 
+    section(f"Consistency training (CLLM): one {N}-token Jacobi trajectory before and after tuning")
+    plain = load_plain_target(ckpt)
+    print("The block starts from tokens drawn from the prompt, as CLLM's trajectories do. '#' = right and every "
+          "token before it right,\n'+' = right although a token before it is still wrong, '.' = wrong:")
+    targets = ({"this target (not consistency-tuned)": model} if plain is None else
+               {"plain target": plain, "consistency-tuned target": model})
+    for name, m in targets.items():
+        show_trajectory(name, m, tok, prompt)
+    tuning = checkpoint.target_meta(ckpt)["train"].get("consistency")  # what train_tiny.py measured
+    if plain is not None and tuning:
+        before, after = tuning["before"], tuning["after"]
+        print(f"measured by train_tiny.py --consistency on {before['blocks']} held-out blocks, before -> after "
+              f"tuning, per block: " + ", ".join(f"{key.replace('_', '-')} {before[key]:.2f} -> {after[key]:.2f}"
+                                                for key in ("iterations", "fast_forwarded", "stationary", "distinct"))
+              + " (distinct: distinct tokens in the greedy block)")
+    if plain is None:
+        print("no target_plain.pt in this checkpoint: `python train_tiny.py --consistency --out out/tiny-cllm` "
+              "tunes one, and --ckpt out/tiny-cllm shows it before and after")
+
     section("Lookahead's block: a Jacobi window (W=2 columns, N-1=4 levels) and G=2 n-grams (k = 4)")
     names = ["x_t", "a1"] + [f"{lvl}{c}" for lvl in "bcd" for c in range(2)] + [f"n{i}" for i in range(1, 5)]
     names += [f"m{i}" for i in range(1, 5)]
@@ -63,6 +90,26 @@ def main():
               + " ".join(f"{a:.2f}" for a in total.accept_at))
     print(f"after the last prompt the lookahead pool holds {sum(len(v) for v in drafter.pool.values())} n-grams "
           f"for {len(drafter.pool)} first tokens")
+
+
+def show_trajectory(name, model, tok, prompt):
+    """Print the Jacobi trajectory of N tokens after prompt with this model, and how its tokens converged."""
+    states = jacobi_trajectories(model, torch.tensor([prompt]), N).states[0][:, 0]  # (J + 1, N)
+    fixed = states[-1]
+    print(f"{name}:")
+    for j, state in enumerate(states.tolist()):
+        right = [a == b for a, b in zip(state, fixed.tolist())]
+        converged = (right + [False]).index(False)
+        print(f"  state {j:>2}: " + "".join("#" if i < converged else "+" if r else "." for i, r in enumerate(right)))
+    iterations, how = jacobi_counts(states[:, None])
+    fast, kept = (how[0] == FAST_FORWARDED).tolist(), (how[0] == STATIONARY).tolist()
+    print(f"  {name}: {int(iterations[0])} iterations to the fixed point of {N} tokens; fast-forwarded "
+          f"{sum(fast)} ({texts(tok, fixed, fast)}), stationary {sum(kept)} ({texts(tok, fixed, kept)})")
+
+
+def texts(tok, tokens, chosen):
+    """The chosen tokens' text, quoted, or "none"."""
+    return " ".join(repr(tok.decode([t])) for t, c in zip(tokens.tolist(), chosen) if c) or "none"
 
 
 if __name__ == "__main__":

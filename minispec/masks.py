@@ -145,3 +145,30 @@ def mask_token_training(T, cuts, k, device=None):
         mask[group, :r] = True
         mask[group, group] = True
     return mask
+
+
+def shared_prefix(T, n, branches, device=None):
+    """Several n-token blocks that continue the same T-token prefix, in one forward (consistency
+    training: a Jacobi trajectory's fixed point and some of its states, drafters/consistency.py).
+
+    The prefix is causal; each block sees the whole prefix and is causal within itself, and the
+    blocks never see each other, so each one gets exactly the logits a causal forward over
+    prefix + that block gives, and the prefix is computed once. Returns (T + branches * n) square;
+    for T=2, n=2, branches=2:
+
+         x0 x1 a1 a2 b1 b2
+     x0   1  .  .  .  .  .
+     x1   1  1  .  .  .  .
+     a1   1  1  1  .  .  .
+     a2   1  1  1  1  .  .
+     b1   1  1  .  .  1  .
+     b2   1  1  .  .  1  1
+    """
+    size = T + branches * n
+    mask = torch.zeros(size, size, dtype=torch.bool, device=device)
+    mask[:T, :T] = causal(T, device)
+    for b in range(branches):
+        block = slice(T + b * n, T + (b + 1) * n)
+        mask[block, :T] = True
+        mask[block, block] = causal(n, device)
+    return mask

@@ -11,6 +11,7 @@ import torch
 
 from minispec import masks
 from minispec.model import GPT, GPTConfig
+from minispec.speculative import generate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,6 +41,19 @@ def prompts(ckpt, n=20, seed=0):
         start = int(g.integers(0, len(ids) - length))
         out.append(ids[start:start + length].tolist())
     return out
+
+
+def sampled_first_two(model, prompt, drafter, n, new_tokens=2):
+    """Counts (V, V) of the first two tokens sampled (temperature 1, new_tokens in all) after prompt
+    with seeds 0..n-1, and how many drafts were accepted on the way (a test whose drafts are never
+    accepted proves little)."""
+    V = model.config.vocab_size
+    counts, accepted = torch.zeros(V, V), 0
+    for seed in range(n):
+        res = generate(model, prompt, new_tokens, drafter, temperature=1.0, seed=seed)
+        counts[res.tokens[0], res.tokens[1]] += 1
+        accepted += res.stats.accepted
+    return counts, accepted
 
 
 def exact_first_two(model, prompt):

@@ -84,6 +84,8 @@ def test_cuda_without_gpu(tiny_ckpt):
     (["--preset", "huge"], ["--preset"]),
     (["--data", "no/such/corpus"], ["no/such/corpus"]),
     (["--init-from", "no/such/gpt2"], ["no/such/gpt2"]),
+    (["--tune-from", "out/tiny"], ["--tune-from", "--consistency"]),
+    (["--consistency", "--tune-from", "no/such/ckpt"], ["no checkpoint", "no/such/ckpt"]),
     (["--threads", "0"], ["--threads"]),
 ])
 def test_bad_training_flag(args, words, tmp_path):

@@ -7,7 +7,7 @@ from minispec import masks
 from minispec.drafters.jacobi import Lookahead, jacobi_solve
 from minispec.kvcache import KVCache
 from minispec.speculative import Step, generate
-from tests.helpers import LOOKAHEAD_W5_N4_G2, chi_square_p_value, exact_first_two, prompts, random_gpt
+from tests.helpers import LOOKAHEAD_W5_N4_G2, chi_square_p_value, exact_first_two, prompts, random_gpt, sampled_first_two
 
 
 def test_lookahead_mask_w5_n4_g2():
@@ -56,10 +56,6 @@ def test_sampling_through_several_ngram_candidates():
     model = random_gpt(vocab_size=6, scale=4.0, seed=3)
     prompt = [1, 2, 4, 1, 3, 5, 1, 0, 2, 1]  # x_t = 1 has continuations (0, 2), (3, 5), (2, 4) in the text
     drafter = Lookahead(W=1, N=3, G=3)  # a one-column window: the whole block fits in 3 new tokens
-    counts, accepted = torch.zeros(6, 6), 0
-    for seed in range(3000):
-        res = generate(model, prompt, 3, drafter, temperature=1.0, seed=seed)
-        counts[res.tokens[0], res.tokens[1]] += 1
-        accepted += res.stats.accepted
+    counts, accepted = sampled_first_two(model, prompt, drafter, 3000, new_tokens=3)
     assert accepted > 0
     assert chi_square_p_value(counts, exact_first_two(model, prompt)) > 0.01

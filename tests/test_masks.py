@@ -51,3 +51,15 @@ def test_cached_tree_block():
 def test_render():
     text = masks.render(masks.causal(3), row_labels=["a", "b", "c"], col_labels=["a", "b", "c"])
     assert text == "  a b c\na 1 . .\nb 1 1 .\nc 1 1 1"
+
+
+def test_shared_prefix():
+    # a prefix of 2, then 2 blocks of 2 that each see the prefix and themselves, never each other
+    assert torch.equal(masks.shared_prefix(2, 2, 2), drawn("""
+        1 . . . . .
+        1 1 . . . .
+        1 1 1 . . .
+        1 1 1 1 . .
+        1 1 . . 1 .
+        1 1 . . 1 1
+    """))

@@ -11,7 +11,7 @@ import minispec
 from minispec import masks, speculative
 from minispec.kvcache import KVCache
 from minispec.speculative import Draft, Drafter, generate
-from tests.helpers import chi_square_p_value, exact_first_two, prompts, random_gpt
+from tests.helpers import chi_square_p_value, exact_first_two, prompts, random_gpt, sampled_first_two
 
 DRAFTERS = [m for m in minispec.METHODS if m != "ar"]
 
@@ -36,15 +36,6 @@ def test_greedy_identical_to_autoregressive(method, k, tiny, tiny_ckpt, greedy_r
     assert accepted > 0, f"{method} never had a draft accepted: the test would not exercise acceptance"
 
 
-def sample_pairs(model, drafter, prompt, n):
-    V = model.config.vocab_size
-    counts = torch.zeros(V, V)
-    for seed in range(n):
-        x1, x2 = generate(model, prompt, 2, drafter, temperature=1.0, seed=seed, eot=None).tokens
-        counts[x1, x2] += 1
-    return counts
-
-
 @pytest.fixture(scope="module")
 def sharp_model():
     return random_gpt(vocab_size=6, scale=4.0, seed=3)
@@ -55,7 +46,7 @@ def test_sampling_keeps_the_target_distribution(method, sharp_model):
     """Chi-square on the first two sampled tokens, with an untrained (deliberately poor) drafter."""
     prompt = [1, 2, 3]
     drafter = minispec.make_drafter(method, sharp_model, k=2, untrained=True)
-    counts = sample_pairs(sharp_model, drafter, prompt, 3000)
+    counts, _ = sampled_first_two(sharp_model, prompt, drafter, 3000)
     assert chi_square_p_value(counts, exact_first_two(sharp_model, prompt)) > 0.01
 
 
@@ -70,7 +61,7 @@ def test_the_chi_square_test_catches_a_planted_bug(sharp_model, monkeypatch):
     monkeypatch.setattr(speculative, "accept_sampled", buggy)
     prompt = [1, 2, 3]
     drafter = minispec.make_drafter("draft_model", sharp_model, k=2, untrained=True)
-    counts = sample_pairs(sharp_model, drafter, prompt, 3000)
+    counts, _ = sampled_first_two(sharp_model, prompt, drafter, 3000)
     assert chi_square_p_value(counts, exact_first_two(sharp_model, prompt)) < 0.01
 
 

@@ -20,7 +20,9 @@ the positions no guess reaches yet start from the initial guess: copies of the n
 (Santilli et al. start from padding; repeating the last token is as cheap and sometimes right,
 in indentation and runs of punctuation). On a model trained left to right this gains little: a
 token rarely becomes right while the one before it is still wrong (the CLLM authors measured
-about 1.05x on 7B models).
+about 1.05x on 7B models). Consistency training (drafters/consistency.py, CLLM) fine-tunes the
+target so that it does get tokens right behind wrong ones; this drafter then runs unchanged on
+the tuned target, lossless with respect to that target.
 
 `lookahead`: keep the Jacobi trajectory, not just its last guess. A 2-D window of N-1 levels of
 W columns holds the last N-1 Jacobi iterations; level l, column c sits at position t + c + l,
