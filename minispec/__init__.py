@@ -28,5 +28,5 @@ from .gpt2 import load_gpt2
 from .model import GPT, GPTConfig
 from .speculative import Draft, Drafter, Result, Sampling, Stats, Step, generate, step
 
-__all__ = ["Adaptive", "load", "load_gpt2", "generate", "step", "make_drafter", "METHODS", "AUTO_K_MAX", "GPT", "GPTConfig", "Draft",
-           "Drafter", "Sampling", "Step", "Stats", "Result", "StaticForwards", "MinispecError"]
+__all__ = ["Adaptive", "load", "load_gpt2", "generate", "step", "make_drafter", "METHODS", "AUTO_K_MAX", "GPT",
+           "GPTConfig", "Draft", "Drafter", "Sampling", "Step", "Stats", "Result", "StaticForwards", "MinispecError"]

@@ -59,6 +59,12 @@ class Adaptive(Drafter):
         self.timed, self.steps, self.hot = 0, 0, 0  # steps timed, steps seen, the state after the last one
         self.chosen = [0] * (self.k + 1)  # how often each depth was chosen, for reports
 
+    def __getattr__(self, name):
+        """What Adaptive does not have is the wrapped drafter's (reports read e.g. its `drafting`)."""
+        if name == "drafter":  # not set yet: no drafter to ask
+            raise AttributeError(name)
+        return getattr(self.drafter, name)
+
     def start(self, prompt, cache):
         self.hot, self.first = 0, True  # the previous prompt's last step says nothing about this one
         self.drafter.start(prompt, cache)

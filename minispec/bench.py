@@ -100,7 +100,8 @@ def table(rows):
     for r in rows:
         same = ("-" if r["identical_to_ar"] is None else "yes" if r["identical_to_ar"] else
                 f"NO {r['differing_from_ar']}/{r['new_tokens']}")
-        lines.append(f"{r['method']:<12} {r['k']:>4} {r['depth']:>5.2f} {r['tau']:>5.2f} {r['alpha']:>5.2f} {r['tokens_per_s']:>7.1f} "
+        lines.append(f"{r['method']:<12} {r['k']:>4} {r['depth']:>5.2f} {r['tau']:>5.2f} {r['alpha']:>5.2f} "
+                     f"{r['tokens_per_s']:>7.1f} "
                      f"{r['speedup']:>6.2f}x {r['draft_s']:>7.2f} {r['verify_s']:>8.2f} {same:>9}  "
                      f"{' '.join(f'{a:.2f}' for a in r['accept_at'])}")
     return "\n".join(lines)

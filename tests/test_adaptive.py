@@ -70,6 +70,13 @@ def test_a_drafter_that_is_always_right_drafts_as_deep_as_it_may(model):
     assert res.stats.tau > k  # k drafts and the bonus on almost every step
 
 
+def test_it_is_the_wrapped_drafter_for_what_it_does_not_change(model):
+    drafter, _ = adaptive_run(model, right=True)
+    assert drafter.prompt_len == 3 and drafter.text == drafter.drafter.text
+    with pytest.raises(AttributeError):
+        drafter.no_such_attribute
+
+
 def test_the_costs_are_what_the_steps_took(model):
     drafter, _ = adaptive_run(model, right=False)
     seconds = drafter.seconds()

@@ -7,7 +7,8 @@ from minispec import masks
 from minispec.drafters.jacobi import Lookahead, jacobi_solve
 from minispec.kvcache import KVCache
 from minispec.speculative import Step, generate
-from tests.helpers import LOOKAHEAD_W5_N4_G2, chi_square_p_value, exact_first_two, prompts, random_gpt, sampled_first_two
+from tests.helpers import (LOOKAHEAD_W5_N4_G2, chi_square_p_value, exact_first_two, prompts, random_gpt,
+                           sampled_first_two)
 
 
 def test_lookahead_mask_w5_n4_g2():

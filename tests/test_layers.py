@@ -10,7 +10,8 @@ import ast
 from tests.helpers import ROOT
 
 CORE = {"model", "kvcache", "masks", "verify", "errors"}
-LAYER = {**dict.fromkeys(CORE, 0), "cudagraph": 1, "speculative": 2, "adaptive": 2, "drafters": 3, "bench": 4, "html_report": 4}
+LAYER = {**dict.fromkeys(CORE, 0), "cudagraph": 1, "speculative": 2, "adaptive": 2, "drafters": 3, "bench": 4,
+         "html_report": 4}
 
 
 def module_name(path):

@@ -159,7 +159,8 @@ class Blockwise(Drafter):
         k = min(self.k, room)
         if sampling.temperature == 0:  # the best tree of depth k
             tree, node_head, node_rank = self.trees[k]
-            top = head_logits(self.heads, self.target, self.hidden, tokens, k).topk(RANKS, -1).indices.cpu()  # (k, RANKS)
+            logits = head_logits(self.heads, self.target, self.hidden, tokens, k)  # (k, V)
+            top = logits.topk(RANKS, -1).indices.cpu()  # (k, RANKS)
             return replace(tree, tokens=top[node_head, node_rank])
         logits = head_logits(self.sampling_heads, self.target, self.hidden, tokens, k)  # (k, V)
         return Draft.chain(*sampling.draw(logits))  # q (k, V): each head's own
@@ -278,7 +279,8 @@ def train_heads(target, train_ids, n_heads, steps, batch_size, lr, teacher="gree
         logits = head_logits(heads, target, hidden[s, t], tokens)  # (n_heads, B, V)
         if teacher in ("soft", "sampled"):  # the target's distribution of token t+2+i, from its hidden state before it
             with torch.no_grad():
-                p = torch.softmax(target.lm_head(hidden[s[None, :], (t[None, :] + 1 + ahead[:, None])]), -1)  # (n_heads, B, V)
+                before = hidden[s[None, :], t[None, :] + 1 + ahead[:, None]]  # (n_heads, B, C)
+                p = torch.softmax(target.lm_head(before), -1)  # (n_heads, B, V)
             return -(p * F.log_softmax(logits, -1)).sum(-1).mean()
         labels = seqs[s[None, :], t[None, :] + 2 + ahead[:, None]]  # (n_heads, B)
         return F.cross_entropy(logits.flatten(0, 1), labels.flatten())
