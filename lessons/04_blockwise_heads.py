@@ -23,6 +23,7 @@ from common import decode_prompts, label, lesson, prompts, run, section, show_ma
 from minispec import generate, make_drafter, masks
 from minispec.drafters.blockwise import SAMPLE_T, head_overlap
 from minispec.train import continuations
+from minispec.verify import overlap
 
 BRANCHES = 32  # the likeliest tokens summed over for the marginal
 
@@ -42,7 +43,7 @@ def parallel_ceiling(model, seqs, positions, temperature=SAMPLE_T):
             branch = torch.cat([x[:t + 1].expand(BRANCHES, -1), nxt[:, None]], 1)  # (B, t + 2)
             p = torch.softmax(model(branch, torch.arange(t + 2), masks.causal(t + 2))[0][:, -1] / temperature, -1)
             marginal = (w[:, None] * p).sum(0)  # (V,)
-            total.append(float((w * torch.minimum(p, marginal).sum(-1)).sum()))
+            total.append(float((w * overlap(p, marginal)).sum()))
     return sum(total) / len(total)
 
 
@@ -80,8 +81,9 @@ def main():
     val = np.load(next(Path(ckpt).glob("tokens-val*.npy")))
     drafter = make_drafter("blockwise", model, ckpt=ckpt, k=4)
     for name, heads in (("greedy set", drafter.heads), ("sampling set", drafter.sampling_heads)):
-        overlap = head_overlap(heads, model, val, n_seqs=8, new_tokens=64)
-        print(f"{name:>12}: 1 - TV(p, q) per head on held-out sampled text: {' '.join(f'{o:.2f}' for o in overlap)}")
+        one_minus_tv = head_overlap(heads, model, val, n_seqs=8, new_tokens=64)
+        print(f"{name:>12}: 1 - TV(p, q) per head on held-out sampled text: "
+              + " ".join(f"{o:.2f}" for o in one_minus_tv))
     T = model.config.block_size
     sampled = torch.as_tensor(continuations(model, val, 8, seed=7, temperature=SAMPLE_T, log=lambda line: None)
                               .astype(np.int64)).view(8, T + 1)[:, :T]

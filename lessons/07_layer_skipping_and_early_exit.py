@@ -23,6 +23,7 @@ import torch
 
 from common import lesson, prompts, run, section, show_mask
 from minispec import Stats, generate, make_drafter, masks
+from minispec.verify import overlap
 
 K = 4
 TEMPERATURE = 0.8  # for the sampled drafts' acceptance
@@ -37,7 +38,7 @@ def agreement(model, x, layers=None, skip=frozenset()):
     full = model(x, pos, mask)[0]  # (1, T, V)
     cheap = model.head(model.run_layers(model.embed(x, pos), mask, layers=layers, skip=skip))[0]
     p, q = (torch.softmax(logits / TEMPERATURE, -1) for logits in (full, cheap))
-    return float((cheap.argmax(-1) == full.argmax(-1)).float().mean()), float(torch.minimum(p, q).sum(-1).mean())
+    return float((cheap.argmax(-1) == full.argmax(-1)).float().mean()), float(overlap(p, q).mean())
 
 
 def decode(model, ckpt, method, test_prompts, **options):
@@ -69,8 +70,9 @@ def main():
     print(f"{'exit E':>6} {'c':>5} {'agreement':>9} {'tau':>5} {'estimate':>8} {'1 - TV':>6}")
     for E in range(1, L):
         total, _ = decode(model, ckpt, "earlyexit", test_prompts, exit_layer=E, gamma=None)
-        agree, overlap = agreement(model, x, layers=range(E))
-        print(f"{E:>6} {E / L:>5.2f} {agree:>9.2f} {total.tau:>5.2f} {total.tau / (1 + K * E / L):>7.2f}x {overlap:>6.2f}")
+        agree, one_minus_tv = agreement(model, x, layers=range(E))
+        print(f"{E:>6} {E / L:>5.2f} {agree:>9.2f} {total.tau:>5.2f} {total.tau / (1 + K * E / L):>7.2f}x "
+              f"{one_minus_tv:>6.2f}")
 
     section("layer skipping: agreement with ONE sub-layer skipped (the rest of the model runs)")
     for layer in range(L):
@@ -81,7 +83,8 @@ def main():
     print(f"the layerskip drafter ({'searched' if (Path(ckpt) / 'layerskip.pt').is_file() else 'default'} skip set) "
           f"skips {sorted(drafter.skip)}")
     print(f"measured: it runs {len(drafter.drafted_parts())} of {2 * L} sub-layers (c ~ {c:.2f}), agreement "
-          f"{agreement(model, x, skip=drafter.skip)[0]:.2f}, tau {total.tau:.2f}, estimate {total.tau / (1 + K * c):.2f}x")
+          f"{agreement(model, x, skip=drafter.skip)[0]:.2f}, tau {total.tau:.2f}, "
+          f"estimate {total.tau / (1 + K * c):.2f}x")
     print("Skipping a sub-layer that barely changes the argmax is nearly free in acceptance; a good skip set")
     print("(exercise 5) saves the most compute for the least agreement. train_tiny.py --layerskip-search finds")
     print("one by timing the pieces of a forward; lesson 09 and decode.py measure real tokens/s.")

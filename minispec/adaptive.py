@@ -38,7 +38,7 @@ import time
 
 from .speculative import Drafter
 
-DECAY = 0.98  # per step: a measurement 50 steps old counts about a third as much as the newest
+DECAY = 0.98  # per new observation of an estimate: one 50 observations old counts about a third
 EXPLORE = 16  # every EXPLORE-th step drafts one token deeper than the choice
 PRIOR = 2.0  # how many tries the prior on a depth's acceptance is worth
 

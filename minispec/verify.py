@@ -65,6 +65,12 @@ def point_mass(d, like):
     return q
 
 
+def overlap(p, q):
+    """sum_x min(p(x), q(x)) = 1 - TV(p, q) over the last dim: how often a draft sampled from q
+    is accepted by accept_sampled against p, on average."""
+    return torch.minimum(p, q).sum(-1)
+
+
 def residual(p, q):
     """norm(max(0, p - q)) over the vocabulary (V,): what is sampled at a rejection. Where q is
     one-hot on the rejected draft, it is p with that token removed."""

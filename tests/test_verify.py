@@ -1,9 +1,10 @@
 """The acceptance rules, one by one, on hand-made distributions."""
 
+import pytest
 import torch
 
 from minispec.verify import (accept_candidates, accept_greedy, accept_greedy_paths, accept_paths, accept_sampled,
-                             accept_top_beta, target_probs)
+                             accept_top_beta, overlap, target_probs)
 from tests.helpers import chi_square_p_value
 
 
@@ -108,3 +109,12 @@ def test_top_beta_applies_to_every_candidate_path():
     relaxed = lambda d, lg: accept_top_beta(d, lg, beta=2, margin=1.0)  # noqa: E731
     assert accept_paths(relaxed, tokens, [[0, 1]], logits) == ([0, 1], 0)  # 3 is within the top 2 and the margin
     assert accept_paths(relaxed, tokens, paths, logits) == ([0, 2, 3], 0)  # the longest accepted path wins
+
+
+def test_overlap_is_the_chance_a_sampled_draft_is_accepted():
+    p = torch.tensor([0.5, 0.3, 0.2, 0.0])
+    q = torch.tensor([0.1, 0.1, 0.4, 0.4])
+    accept = (q * torch.where(q > 0, (p / q).clamp(max=1.0), torch.zeros_like(q))).sum()  # E_{d~q} min(1, p/q)
+    assert float(overlap(p, q)) == pytest.approx(float(accept))
+    assert float(overlap(p, p)) == pytest.approx(1.0)
+    assert float(overlap(p, torch.tensor([0.0, 0.0, 0.0, 1.0]))) == 0.0

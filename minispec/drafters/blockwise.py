@@ -73,6 +73,7 @@ from .. import checkpoint, masks
 from ..errors import MinispecError
 from ..speculative import Draft, Drafter
 from ..train import continuations, fit
+from ..verify import overlap
 
 TEACHERS = ("corpus", "greedy", "soft", "sampled")
 SAMPLE_T = 0.8  # the temperature of the "sampled" teacher's continuations
@@ -252,9 +253,8 @@ def head_overlap(heads, target, ids, temperature=SAMPLE_T, n_seqs=16, new_tokens
     hidden = hidden_states(target, seqs)  # (N, T, C)
     q = torch.softmax(head_logits(heads, target, hidden[:, t], seqs[:, recent_positions(t, heads.n_tokens)])
                       / temperature, -1)  # (n, N, P, V)
-    overlap = [torch.minimum(q[i], torch.softmax(target.lm_head(hidden[:, t + 1 + i]) / temperature, -1)).sum(-1)
-               for i in range(n)]  # (N, P) each
-    return torch.stack(overlap).mean((1, 2)).cpu()
+    p = [torch.softmax(target.lm_head(hidden[:, t + 1 + i]) / temperature, -1) for i in range(n)]  # (N, P, V) each
+    return torch.stack([overlap(p[i], q[i]) for i in range(n)]).mean((1, 2)).cpu()
 
 
 def train_heads(target, train_ids, n_heads, steps, batch_size, lr, teacher="greedy", n_seqs=512,
