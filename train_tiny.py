@@ -46,7 +46,7 @@ class Preset:
     heads_steps: int
     n_heads: int = 12  # blockwise heads trained; decoding may use any k up to this
     heads_seqs: int = 512  # windows (greedy continuations) the blockwise heads learn from
-    mask_steps: int = 1000  # [M]-token drafter training steps (k up to 12)
+    mask_steps: int = 4000  # [M]-token drafter training steps (k up to 12)
     consistency_steps: int = 400  # --consistency: fine-tuning steps of the target
     consistency_prompts: int = 512  # --consistency: corpus prompts whose Jacobi trajectories it learns from
 

@@ -153,6 +153,34 @@ def continuations(model, ids, n_seqs=512, prefix_len=32, batch_size=64, seed=0, 
 
 
 @torch.no_grad()
+def greedy_runs(model, x, length, batch_size=16):
+    """What the model writes greedily after EVERY prefix of the windows x (B, T): (B, T, length),
+    row c holding the `length` tokens that follow x[:, :c+1] in greedy decoding.
+
+    The T runs of a window grow together, one token each per forward, through one KV cache: the
+    window's entries first, then one entry per run and token. Run c sees the window up to c and
+    its own earlier tokens, as if it were decoded alone (for T=3 and the second forward, [window
+    causal | one diagonal per earlier token]). A run's positions past the context are clamped:
+    those tokens are wrong, and callers never read them (only runs that fit are labels)."""
+    device = x.device
+    T = x.size(1)
+    pos = torch.arange(T, device=device)
+    out = []
+    for xb in x.split(batch_size):
+        cache = KVCache.for_model(model, batch=len(xb), max_len=T * length)
+        logits, _ = model(xb, pos, masks.causal(T, device), cache, pos)
+        runs = [logits.argmax(-1)]  # (b, T): the first token after each prefix
+        for j in range(1, length):
+            own = torch.eye(T, dtype=torch.bool, device=device).repeat(1, j)  # (T, j T): run c's earlier tokens
+            mask = torch.cat([masks.causal(T, device), own], 1)
+            pos_j = (pos + j).clamp(max=model.config.block_size - 1)
+            logits, _ = model(runs[-1], pos_j, mask, cache, pos + j * T)
+            runs.append(logits.argmax(-1))
+        out.append(torch.stack(runs, -1))
+    return torch.cat(out)
+
+
+@torch.no_grad()
 def greedy_agreement(target, draft, ids, batch_size=16, batches=4, seed=1234):
     """How often a draft GPT's next-token argmax equals the target's, on fixed held-out windows:
     the acceptance rate of a first greedy draft."""

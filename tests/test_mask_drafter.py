@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import minispec
-from minispec import masks, speculative
+from minispec import masks, speculative, train
 from minispec.drafters import mask_drafter
 from minispec.cudagraph import StaticForwards
 from minispec.kvcache import KVCache
@@ -209,3 +209,15 @@ def test_online_drafts_equal_replayed_drafts_trained(k, tiny, tiny_ckpt):
             if room >= k:  # [M]_i's label: the token the target wrote at t+i
                 labels = mask_drafter.target_labels(text, y, torch.tensor([len(seq)]), k)[0]
                 assert torch.equal(labels, text[0, len(seq):len(seq) + k])
+
+
+def test_greedy_runs_are_what_greedy_decoding_writes_after_every_prefix(tiny, tiny_ckpt):
+    # the [M] rows' labels on corpus windows: the target's greedy run after each prefix, all at once
+    model, _ = tiny
+    x = torch.tensor([p[:24] for p in prompts(tiny_ckpt, n=8) if len(p) >= 24][:2])  # (2, 24)
+    length = 5
+    runs = train.greedy_runs(model, x, length, batch_size=1)  # (2, 24, 5)
+    for b in range(len(x)):
+        for c in range(x.size(1)):
+            expected = speculative.generate(model, x[b, :c + 1].tolist(), length).tokens
+            assert runs[b, c].tolist() == expected, (b, c)

@@ -40,31 +40,34 @@ Training always uses k_max = 12 [M]s; decoding may use any k <= k_max.
 
 Training (train_mask_drafter): cut a sequence at a random length r, append k [M]s, and take the
 cross-entropy of [M]_i against what verification would accept there: the token the target
-writes at r+i-1 after its own greedy text (target_labels). One forward trains many cuts of the
-same sequence (masks.mask_token_training): each group of k [M]s sees the prefix up to its own
-cut and its own group. The prefix rows get a next-token loss against the target's argmax too
-(prefix_loss): they are computed anyway, and [M]_1's row starts from the last one, so d_1 learns
-at every position, not at n_cuts of them (it more than doubled d_1's replayed accuracy).
-`teacher`: "corpus" (training-text windows: labels only where the text is what the target
-would have written, so mostly d_1), "greedy" (the target's own greedy continuations, n_seqs of
-them: sequence-level distillation), "glancing" (greedy plus GLAT's glancing, as in SpecDec's
-glat_loss.py: a no-grad pass first; in each group (#wrong * p) random [M]s are shown as their
-true tokens and the loss is taken on the others). The one-layer drafter starts from the
-target's embeddings, final norm and lowest layer (train.warm_start). `--mask-teacher compare`
-keeps the teacher with the higher replayed tau (mask_agreement); glancing did not beat "greedy",
-the default, by more than the spread between runs. One layer: a second doubles the drafting
-cost, which every step pays.
+writes at r+i-1 after the prefix, greedily. One forward trains many cuts of the same sequence
+(masks.mask_token_training): each group of k [M]s sees the prefix up to its own cut and its own
+group. The prefix rows get a next-token loss against the target too (prefix_loss): they are
+computed anyway, and [M]_1's row starts from the last one, so d_1 learns at every position. Half
+of each batch (teacher "greedy") is the target's own greedy continuations of corpus prefixes
+(sequence-level distillation: online, the drafter reads exactly such text, loops included),
+every [M] labelled by the text itself. The other half is corpus windows: every prefix row
+learns the target's next-token distribution there, and every [M] of a cut at r the target's
+greedy run after that prefix, computed once for all the cuts of all windows (train.greedy_runs).
+"glancing" adds GLAT's glancing (SpecDec's glat_loss.py): a no-grad pass first; in each group
+(#wrong * p) random [M]s are shown as their true tokens and the loss is taken on the others.
+"corpus" trains on corpus windows alone, with labels only where the text is what the target
+would have written (mostly d_1). The one-layer drafter starts from the target's embeddings,
+final norm and lowest layer (train.warm_start); a second layer doubles the drafting cost, which
+every step pays. `--mask-teacher compare` keeps the teacher with the higher replayed tau.
 
 Online equals replay: the drafts decoding makes with its cache are the drafts a from-scratch
 forward over the same prefix gives (tests/test_mask_drafter.py checks it step by step), so when
-the drafter does worse on the benchmark prompts than on mask_agreement's text it generalises
-badly; there is no decoding bug. Why, measured on the default checkpoint: the target's greedy
-continuations loop over few tokens (384 of them hold about 200 of the 2048), so a drafter trained
-on them alone never drafts a token it never saw as a label, and with features it leaned on them
-(the fused feature grew to many times the token embedding's norm) where they generalise worst.
-Hence the two defaults: no features, and half of each batch (soft_rows) from corpus windows with
-the target's distributions as labels. EAGLE's feature-regression loss, a zero-initialised
-feature projection and four times the greedy data did not help as much.
+the drafter does worse on the benchmark's prompts than on held-out continuations, it generalises
+badly: there is no decoding bug. What it failed at, measured on the benchmark's own greedy text
+at every cut (README, "The [M] drafter"): the loops the target falls into there ("ti ti ti",
+"T_CUT_CUT") are made of tokens its few hundred greedy continuations rarely hold, and one layer
+that drafts x_{t+2} without seeing x_{t+1} cannot chain next-token guesses as a draft model
+does: it has to have seen the two-step pattern as a label. The greedy runs after every corpus
+prefix give it those labels wherever the corpus goes. Measured and not kept: the target's
+features (EAGLE-style; the drafter leaned on them and generalised worse), a second layer,
+four times the greedy continuations, weighting [M]_1's loss more, warm-starting from the draft
+model.
 
 Sampling: q_i is the softmax of [M]_i's logits at the decoding temperature and d_i is drawn from
 it, so speculative sampling keeps the target's distribution exactly. SpecDec's relaxed top-beta
@@ -83,7 +86,7 @@ from ..data import get_batch
 from ..errors import MinispecError
 from ..model import GPT
 from ..speculative import Draft, Drafter
-from ..train import continuations, fit, warm_start
+from ..train import continuations, fit, greedy_runs, warm_start
 
 TEACHERS = ("corpus", "greedy", "glancing")  # glancing: greedy targets, glancing on
 
@@ -238,8 +241,8 @@ SOFT_TOP = 32  # the target's distributions are kept as their top 32 tokens, ren
 @torch.no_grad()
 def soft_windows(target, ids, n, generator, batch=32):
     """n corpus windows and what the target says on them, computed once: tokens (n, T), features
-    (n, T, C), its argmax next tokens (n, T), and its next-token distributions as the top SOFT_TOP
-    probabilities (renormalised) and their token ids, (n, T, SOFT_TOP) each."""
+    (n, T, C), and its next-token distributions as the top SOFT_TOP probabilities (renormalised)
+    and their token ids, (n, T, SOFT_TOP) each."""
     device = next(target.parameters()).device
     T = target.config.block_size
     x = get_batch(ids, n, T, generator)[0].to(device)
@@ -247,7 +250,7 @@ def soft_windows(target, ids, n, generator, batch=32):
     for xb in x.split(batch):
         logits, hidden = target(xb, torch.arange(T, device=device), masks.causal(T, device))
         p, top = torch.softmax(logits, -1).topk(SOFT_TOP, -1)
-        out.append((F.pad(hidden[:, :-1], (0, 0, 1, 0)), logits.argmax(-1), p / p.sum(-1, keepdim=True), top))
+        out.append((F.pad(hidden[:, :-1], (0, 0, 1, 0)), p / p.sum(-1, keepdim=True), top))
     return (x, *(torch.cat(z) for z in zip(*out)))
 
 
@@ -257,8 +260,8 @@ def soft_cross_entropy(logits, p, top):
 
 
 def train_mask_drafter(target, train_ids, steps, batch_size, lr, teacher="greedy", k_max=12, n_layer=1,
-                       n_cuts=8, n_seqs=384, glance=0.5, prefix_loss=1.0, features=False, soft_rows=0.5,
-                       n_windows=1024, log=print, seed=0):
+                       n_cuts=16, n_seqs=384, glance=0.5, prefix_loss=1.0, features=False, soft_rows=0.5,
+                       n_windows=512, log=print, seed=0):
     """Train an [M]-token drafter for `target`; teacher is one of TEACHERS.
 
     Each step takes batch_size windows of half the context, at random offsets, with n_cuts groups
@@ -267,7 +270,7 @@ def train_mask_drafter(target, train_ids, steps, batch_size, lr, teacher="greedy
     so the target's features never reach it (same checkpoint format, same decoding code).
     soft_rows: the share of each batch (with the greedy teachers) taken from n_windows corpus
     windows, computed once, with the target's next-token distribution (its top SOFT_TOP tokens)
-    as the label of every prefix row and of every [M] whose run is what the target would write.
+    as the label of every prefix row and its greedy run after the cut as the labels of the [M]s.
     """
     device = next(target.parameters()).device
     drafter = SpecDrafter(replace(target.config, n_layer=n_layer), k_max).to(device)
@@ -287,6 +290,8 @@ def train_mask_drafter(target, train_ids, steps, batch_size, lr, teacher="greedy
     n_windows = min(n_windows, steps * n_soft)  # never more windows than the steps will draw
     if n_soft:
         corpus = soft_windows(target, train_ids, n_windows, generator)
+        log(f"mask drafter: the target's greedy runs after every prefix of {n_windows} corpus windows")
+        corpus_runs = greedy_runs(target, corpus[0], k_max)  # (n_windows, T, k_max): every [M]'s label
 
     def batch_loss(step):
         if teacher == "corpus":
@@ -315,11 +320,11 @@ def train_mask_drafter(target, train_ids, steps, batch_size, lr, teacher="greedy
         if not n_soft:
             return loss
         rows = torch.randint(n_windows, (n_soft,), generator=generator).to(device)
-        cx, cf, cy, cp, ci = (z[rows, start:start + W] for z in corpus)
-        valid = target_labels(cx, cy, cuts, k_max) >= 0  # (n_soft, m) [M]s whose run is greedy text
-        at = cuts.repeat_interleave(k_max).to(device) + offsets  # the positions the [M]s stand for
+        cx, cf, cp, ci = (z[rows, start:start + W] for z in corpus)
+        last = start + cuts.repeat_interleave(k_max).to(device) - 1  # (m,) where each [M]'s group x_t sits
+        run_labels = corpus_runs[rows[:, None], last, offsets]  # (n_soft, m) what the target writes from there on
         logits = drafter(cx, cf, pos, offsets, mask, every_row=True)
-        soft = (soft_cross_entropy(logits[:, W:], cp[:, at - 1], ci[:, at - 1]) * valid).sum() / valid.sum().clamp(min=1)
+        soft = F.cross_entropy(logits[:, W:].flatten(0, 1), run_labels.flatten())
         soft = soft + prefix_loss * soft_cross_entropy(logits[:, :W], cp, ci).mean()
         return (loss * len(x) + soft * n_soft) / batch_size
 
@@ -327,6 +332,19 @@ def train_mask_drafter(target, train_ids, steps, batch_size, lr, teacher="greedy
     fit(drafter.parameters(), batch_loss, steps, lr, batch_size * (W + n_cuts * k_max),
         label=f"mask drafter ({teacher})", log=log)
     return drafter.eval()
+
+
+@torch.no_grad()
+def right_at_cuts(drafter, target, x, first, k):
+    """Whether each [M] is right at every cut of greedy text x (1, T) from `first` on: a drafting
+    step with the prefix x[:r], checked against x itself -> (cuts, k) bool. In chunks of 64 cuts
+    to bound the attention matrix."""
+    f = target_outputs(target, x)[0]  # (1, T, C)
+    right = []
+    for cuts in torch.arange(first, x.size(1) - k + 1).split(64):
+        pos, offsets, mask, labels = mask_token_batch(x, cuts, k)
+        right.append((drafter(x, f, pos, offsets, mask).argmax(-1) == labels).view(-1, k).cpu())
+    return torch.cat(right)
 
 
 @torch.no_grad()
@@ -339,12 +357,7 @@ def mask_agreement(drafter, target, ids, k=None, n_seqs=16, seed=1234):
     device = next(drafter.parameters()).device
     tried, accepted, tokens, steps = torch.zeros(k), torch.zeros(k), 0, 0
     for x in seqs.to(device).split(1):
-        f = target_outputs(target, x)[0]  # (1, T, C)
-        right = []  # a drafting step at every cut, in chunks to bound the attention matrix
-        for cuts in torch.arange(min(32, T // 4), T - k + 1).split(64):
-            pos, offsets, mask, labels = mask_token_batch(x, cuts, k)
-            right.append((drafter(x, f, pos, offsets, mask).argmax(-1) == labels).view(-1, k).cpu())
-        right = torch.cat(right)  # (cuts, k)
+        right = right_at_cuts(drafter, target, x, min(32, T // 4), k)  # (cuts, k)
         cut = 0
         while cut < len(right):
             run = int(right[cut].int().cumprod(0).sum())  # accepted drafts at this step
