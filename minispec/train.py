@@ -158,10 +158,11 @@ def greedy_runs(model, x, length, batch_size=16):
     row c holding the `length` tokens that follow x[:, :c+1] in greedy decoding.
 
     The T runs of a window grow together, one token each per forward, through one KV cache: the
-    window's entries first, then one entry per run and token. Run c sees the window up to c and
-    its own earlier tokens, as if it were decoded alone (for T=3 and the second forward, [window
-    causal | one diagonal per earlier token]). A run's positions past the context are clamped:
-    those tokens are wrong, and callers never read them (only runs that fit are labels)."""
+    window's entries in slots 0..T-1, then the j-th token of every run in slots jT..jT+T-1. Run c
+    sees the window up to c and its own earlier tokens, as if it were decoded alone: forward j's
+    mask (T, (j+1)T) is [causal(T) | I | ... | I], one identity block per earlier token. A run's
+    positions past the context are clamped: those tokens are wrong, and callers never read them
+    (only runs that fit are labels)."""
     device = x.device
     T = x.size(1)
     pos = torch.arange(T, device=device)

@@ -59,15 +59,14 @@ every step pays. `--mask-teacher compare` keeps the teacher with the higher repl
 Online equals replay: the drafts decoding makes with its cache are the drafts a from-scratch
 forward over the same prefix gives (tests/test_mask_drafter.py checks it step by step), so when
 the drafter does worse on the benchmark's prompts than on held-out continuations, it generalises
-badly: there is no decoding bug. What it failed at, measured on the benchmark's own greedy text
-at every cut (README, "The [M] drafter"): the loops the target falls into there ("ti ti ti",
-"T_CUT_CUT") are made of tokens its few hundred greedy continuations rarely hold, and one layer
-that drafts x_{t+2} without seeing x_{t+1} cannot chain next-token guesses as a draft model
-does: it has to have seen the two-step pattern as a label. The greedy runs after every corpus
-prefix give it those labels wherever the corpus goes. Measured and not kept: the target's
-features (EAGLE-style; the drafter leaned on them and generalised worse), a second layer,
-four times the greedy continuations, weighting [M]_1's loss more, warm-starting from the draft
-model.
+badly: there is no decoding bug. What it failed at (lesson 05's last section counts it at every
+cut; the README's **mask** note has the numbers): loops the target falls into ("ti ti ti",
+"CUT_CUT") made of tokens its few hundred greedy continuations rarely hold. One layer drafting
+x_{t+2} without seeing x_{t+1} cannot chain next-token guesses as a draft model does: it must
+have seen the two-step pattern as a label, and the greedy runs after every corpus prefix give it
+those labels wherever the corpus goes. Measured and not kept: the target's features (EAGLE-style;
+they generalised worse), a second layer, more greedy continuations, weighting [M]_1's loss more,
+warm-starting from the draft model.
 
 Sampling: q_i is the softmax of [M]_i's logits at the decoding temperature and d_i is drawn from
 it, so speculative sampling keeps the target's distribution exactly. SpecDec's relaxed top-beta
