@@ -1,6 +1,6 @@
 """Train the tiny target GPT and every trained drafter into one checkpoint folder.
 
-    python train_tiny.py                  # preset cpu: a few minutes on a 2-core CPU
+    python train_tiny.py                  # preset cpu: about 20 minutes on a 2-core CPU
     python train_tiny.py --preset test    # seconds: what the tests and CI use
     python train_tiny.py --preset gpu --device cuda
     python train_tiny.py --consistency --out out/tiny-cllm   # a target tuned for Jacobi decoding (CLLM)
@@ -21,17 +21,18 @@ import torch
 from minispec import checkpoint
 from minispec.cli import Parser, pick_device, run, set_threads, threads_flag
 from minispec.data import cached_encode, read_corpus
-from minispec.drafters.blockwise import (SAMPLE_T, TEACHERS as HEAD_TEACHERS, head_accuracy, head_overlap, save_heads,
+from minispec.drafters.blockwise import (TEACHERS as HEAD_TEACHERS, head_accuracy, head_overlap, save_heads,
                                          train_heads)
 from minispec.drafters.consistency import save_plain_target, tune_consistency
 from minispec.drafters.draft_model import TEACHERS, train_draft_model
 from minispec.drafters.layerskip import save_search, train_layerskip
-from minispec.drafters.mask_drafter import TEACHERS as MASK_TEACHERS, mask_agreement, save_drafter, train_mask_drafter
+from minispec.drafters.mask_drafter import (TEACHERS as MASK_TEACHERS, mask_agreement, mask_overlap, save_drafter,
+                                            train_mask_drafter)
 from minispec.errors import MinispecError
 from minispec.gpt2 import load_gpt2
 from minispec.model import GPT, GPTConfig
 from minispec.tokenizer import make_encoding, train_bpe
-from minispec.train import greedy_agreement, train_lm
+from minispec.train import SAMPLE_T, greedy_agreement, train_lm
 
 
 @dataclass
@@ -46,7 +47,8 @@ class Preset:
     heads_steps: int
     n_heads: int = 12  # blockwise heads trained; decoding may use any k up to this
     heads_seqs: int = 512  # windows (greedy continuations) the blockwise heads learn from
-    mask_steps: int = 4000  # [M]-token drafter training steps (k up to 12)
+    mask_steps: int = 4000  # [M]-token drafter training steps (k up to 12), the greedy set
+    mask_sampled_steps: int = 1500  # ... and the sampling set
     consistency_steps: int = 400  # --consistency: fine-tuning steps of the target
     consistency_prompts: int = 512  # --consistency: corpus prompts whose Jacobi trajectories it learns from
 
@@ -54,14 +56,14 @@ class Preset:
 PRESETS = {
     "test": Preset(GPTConfig(block_size=128, vocab_size=384, n_layer=4, n_head=2, n_embd=48),
                    steps=150, batch_size=8, lr=3e-3, corpus_bytes=300_000, bpe_bytes=100_000, draft_steps=60,
-                   heads_steps=30, heads_seqs=32, mask_steps=40,
+                   heads_steps=30, heads_seqs=32, mask_steps=40, mask_sampled_steps=20,
                    consistency_steps=20, consistency_prompts=32),
     "cpu": Preset(GPTConfig(block_size=256, vocab_size=2048, n_layer=6, n_head=4, n_embd=128),
                   steps=400, batch_size=16, lr=2e-3, corpus_bytes=None, bpe_bytes=3_000_000, draft_steps=200,
                   heads_steps=600, heads_seqs=1024),
     "gpu": Preset(GPTConfig(block_size=512, vocab_size=4096, n_layer=8, n_head=8, n_embd=512),
                   steps=3000, batch_size=32, lr=1e-3, corpus_bytes=None, bpe_bytes=6_000_000, draft_steps=1500,
-                  heads_steps=1000, mask_steps=1500),
+                  heads_steps=1000, mask_steps=1500, mask_sampled_steps=1000),
 }
 
 
@@ -106,7 +108,8 @@ def main():
                     help="what the greedy set of blockwise heads learns from (compare: train each, keep the best); "
                          "the sampling set always learns from sampled continuations")
     ap.add_argument("--mask-teacher", choices=MASK_TEACHERS + ("compare",), default="greedy",
-                    help="what the [M]-token drafter learns from (compare: train each, keep the best)")
+                    help="what the greedy set of the [M]-token drafter learns from (compare: train each, keep "
+                    "the best); the sampling set always learns from sampled continuations")
     args = ap.parse_args()
     threads = set_threads(args.threads)
     device = pick_device(args.device)
@@ -172,15 +175,15 @@ def main():
     if args.layerskip_search:
         save_search(target, train_ids, out)
 
-    train_draft(args, preset, target, train_ids, val_ids, out)
+    draft = train_draft(args, preset, target, train_ids, val_ids, out)
     train_blockwise(args, preset, target, train_ids, val_ids, out)
-    train_mask(args, preset, target, train_ids, val_ids, out)
+    train_mask(args, preset, target, train_ids, val_ids, out, draft)
     print(f"all done in {time.perf_counter() - t0:.0f}s")
 
 
 def train_draft(args, preset, target, train_ids, val_ids, out):
     """The classic draft model. With --draft-teacher compare, every teacher is tried and the draft
-    whose greedy choice agrees most often with the target's on held-out text is kept."""
+    whose greedy choice agrees most often with the target's on held-out text is kept; returned."""
     teachers = TEACHERS if args.draft_teacher == "compare" else (args.draft_teacher,)
     drafts = {t: train_draft_model(target, train_ids, val_ids, preset.draft_steps, preset.batch_size,
                                    preset.lr, t, seed=args.seed) for t in teachers}
@@ -190,6 +193,7 @@ def train_draft(args, preset, target, train_ids, val_ids, out):
     checkpoint.save_gpt(out / "draft_model.pt", "draft_model", drafts[best],
                         meta={"teacher": best, "agreement": agreement})
     print(f"saved {out / 'draft_model.pt'}")
+    return drafts[best]
 
 
 def train_blockwise(args, preset, target, train_ids, val_ids, out):
@@ -223,20 +227,28 @@ def expected_accepted(agreement):
     return total
 
 
-def train_mask(args, preset, target, train_ids, val_ids, out):
-    """The [M]-token drafter; with --mask-teacher compare, the teacher whose drafter gives the higher
-    tau (at k=12) when greedy decoding is replayed on the target's held-out continuations is kept."""
-    teachers = MASK_TEACHERS if args.mask_teacher == "compare" else (args.mask_teacher,)
-    drafters = {t: train_mask_drafter(target, train_ids, preset.mask_steps, preset.batch_size // 2,
-                                      2.5 * preset.lr, t, seed=args.seed)  # shallow: a higher rate suits it
+def train_mask(args, preset, target, train_ids, val_ids, out, draft):
+    """The [M]-token drafter's two sets: the greedy set, started from the trained draft model (with
+    --mask-teacher compare, the teacher whose drafter gives the higher tau at k=12 when greedy
+    decoding is replayed on the target's held-out continuations is kept), and the sampling set,
+    trained on sampled continuations."""
+    teachers = MASK_TEACHERS if args.mask_teacher == "compare" else tuple(dict.fromkeys((args.mask_teacher, "sampled")))
+    steps = {t: preset.mask_sampled_steps if t == "sampled" else preset.mask_steps for t in teachers}
+    drafters = {t: train_mask_drafter(target, train_ids, steps[t], preset.batch_size // 2, 2.5 * preset.lr, t,
+                                      start_from=None if t == "sampled" else draft,
+                                      seed=args.seed)  # shallow: a higher rate suits it
                 for t in teachers}
     measured = {t: mask_agreement(d, target, val_ids) for t, d in drafters.items()}  # t -> (accept_at, tau)
-    best = max(measured, key=lambda t: measured[t][1])
+    overlap = {t: mask_overlap(d, target, val_ids) for t, d in drafters.items()}  # t -> (4,)
+    best = args.mask_teacher if args.mask_teacher != "compare" else \
+        max((t for t in measured if t != "sampled"), key=lambda t: measured[t][1])
     for t, (accept_at, tau) in measured.items():
         print(f"mask drafter ({t}): on held-out greedy text, acceptance per position "
-              f"{[round(a, 2) for a in accept_at]}, tau {tau:.2f}")
-    save_drafter(out / "mask.pt", drafters[best], meta={"teacher": best, "measured": measured})
-    print(f"saved {out / 'mask.pt'} (teacher {best!r})")
+              f"{[round(a, 2) for a in accept_at]}, tau {tau:.2f}; 1 - TV(p, q) on sampled text at "
+              f"T={SAMPLE_T} per [M] {[round(x, 2) for x in overlap[t]]}")
+    save_drafter(out / "mask.pt", drafters[best], drafters["sampled"],
+                 meta={"teacher": best, "measured": measured, "overlap": overlap})
+    print(f"saved {out / 'mask.pt'} (greedy set: teacher {best!r}; sampling set: 'sampled')")
 
 
 if __name__ == "__main__":

@@ -21,8 +21,8 @@ import torch
 
 from common import decode_prompts, label, lesson, prompts, run, section, show_mask
 from minispec import generate, make_drafter, masks
-from minispec.drafters.blockwise import SAMPLE_T, head_overlap
-from minispec.train import continuations
+from minispec.drafters.blockwise import head_overlap
+from minispec.train import SAMPLE_T, continuations
 from minispec.verify import overlap
 
 BRANCHES = 32  # the likeliest tokens summed over for the marginal

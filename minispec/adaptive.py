@@ -22,6 +22,13 @@ where one of the two has seen little, it leans on both together (a prior worth P
 The first step of every prompt is left out of the costs: it pays for warming up (a drafter's
 first forward over the prompt).
 
+That product assumes the i-th draft is accepted as often whatever k is, which holds for a chain
+drafted token by token (a deeper chain only adds drafts after the same ones), nearly so for the
+[M] drafter (its [M]s see each other), and not for a drafter whose draft has several paths: blockwise's best tree of 8 nodes k deep is wide when k is small and nearly a
+chain when k is large, so its first draft is accepted less often at large k. For such drafters
+E[tokens | k] is ALSO measured directly, as the mean tokens of earlier steps that drafted k deep
+(in the same state), shrunk toward the product above (worth PRIOR steps).
+
 Lossless by construction: k is chosen from earlier steps only, never from the target's outputs
 for this step, and for ANY k the step is an exact speculative step. So greedy output stays
 token-identical and sampling keeps the target's distribution, whatever k is chosen when.
@@ -58,6 +65,10 @@ class Adaptive(Drafter):
         self.spent = [0.0] * (self.k + 1)  # ... and of the seconds they took
         self.timed, self.steps, self.hot = 0, 0, 0  # steps timed, steps seen, the state after the last one
         self.chosen = [0] * (self.k + 1)  # how often each depth was chosen, for reports
+        # per state and depth, for drafts of several paths: decayed count of the steps and of their tokens
+        self.stepped = [[0.0] * (self.k + 1) for _ in range(2)]
+        self.made = [[0.0] * (self.k + 1) for _ in range(2)]
+        self.branching = False  # whether a draft has had several paths
 
     def __getattr__(self, name):
         """What Adaptive does not have is the wrapped drafter's (reports read e.g. its `drafting`)."""
@@ -73,7 +84,7 @@ class Adaptive(Drafter):
         """[E[new tokens] of a step drafting k deep for k = 0..k_max], from the acceptance measured
         so far in the current state, shrunk toward both states' together, and those toward the
         depth above (1/2 at depth 1): a depth seldom drafted is expected to do as well as the one
-        above it."""
+        above it. For drafts of several paths, the tokens measured at each k, shrunk toward that."""
         expected, run, pooled = [1.0], 1.0, 0.5
         for i in range(self.k):
             both = (self.accepted[0][i] + self.accepted[1][i] + PRIOR * pooled) / (
@@ -82,6 +93,9 @@ class Adaptive(Drafter):
             pooled = both
             run *= rate
             expected.append(expected[-1] + run)
+        if self.branching:
+            made, stepped = self.made[self.hot], self.stepped[self.hot]
+            return [(made[k] + PRIOR * e) / (stepped[k] + PRIOR) for k, e in enumerate(expected)]
         return expected
 
     def seconds(self):
@@ -107,6 +121,8 @@ class Adaptive(Drafter):
         self.chosen[self.depth] += 1
         draft = self.drafter.propose(seq, min(room, self.depth), sampling)
         self.drafted = max((len(path) - 1 for path in draft.paths), default=0)
+        self.branching |= len(draft.paths) > 1
+        self.cut = room < self.depth  # the end of the text, not the choice, limited this draft
         return draft
 
     def verify(self, model, idx, pos, mask, cache, slots):
@@ -120,6 +136,9 @@ class Adaptive(Drafter):
             self.spent[k] = DECAY * self.spent[k] + seconds
             self.timed += 1
         accepted = min(len(step.path) - 1, self.drafted)
+        if not self.cut:
+            self.stepped[self.hot][k] = DECAY * self.stepped[self.hot][k] + 1
+            self.made[self.hot][k] = DECAY * self.made[self.hot][k] + len(step.emitted)
         tried, hits = self.tried[self.hot], self.accepted[self.hot]
         for i in range(min(accepted + 1, self.drafted)):  # depths reached: every accepted one and the first rejected
             tried[i] = DECAY * tried[i] + 1

@@ -16,6 +16,8 @@ from . import masks
 from .data import get_batch
 from .kvcache import KVCache
 
+SAMPLE_T = 0.8  # the temperature of the continuations that the drafters' sampling sets learn from
+
 
 def lm_loss(model, x, y):
     """Next-token cross-entropy of a GPT on x (B, T) against y (B, T), causal mask."""

@@ -6,7 +6,9 @@ clock by what their step would cost (1 + 0.3 k), so the choices do not depend on
 """
 
 import pytest
+import torch
 
+from minispec import masks
 from minispec.adaptive import EXPLORE, Adaptive
 from minispec.speculative import Draft, Drafter, generate
 from tests.helpers import random_gpt
@@ -82,3 +84,39 @@ def test_the_costs_are_what_the_steps_took(model):
     seconds = drafter.seconds()
     assert seconds[0] == pytest.approx(1.0)  # the autoregressive steps' mean
     assert seconds[1:] == pytest.approx([1.0 + 0.3 * k for k in range(1, drafter.k + 1)])  # each depth's own
+
+
+class Branching(Scripted):
+    """A draft of two paths, like a small tree: the next tokens of `text` as a chain, and a wrong
+    sibling of the first. Up to `wide` deep its chain is always right; deeper, as a deeper tree
+    of the same size keeps fewer alternatives, its first token is wrong on 3 steps out of 4. The
+    acceptance at a depth depends on k: only the tokens measured at each k tell what k gives."""
+    wide = 2
+
+    def propose(self, seq, room, sampling):
+        k = min(self.k, room)
+        self.clock.now += 1.0 + 0.3 * k
+        self.steps = getattr(self, "steps", 0) + 1
+        if k == 0:
+            return Draft.chain([])
+        done = len(seq) - self.prompt_len
+        chain = list(self.text[done:done + k])
+        if k > self.wide and self.steps % 4:
+            chain[0] = self.wrong
+        parents = list(range(k)) + [0]  # the chain 1..k, then node k + 1 under the root
+        return Draft(torch.tensor(chain + [self.wrong]), torch.tensor(list(range(1, k + 1)) + [1]),
+                     masks.tree(parents), [list(range(k + 1)), [0, k + 1]])
+
+
+def test_a_branching_draft_is_judged_by_the_tokens_each_depth_gave(model):
+    prompt = [1, 2, 3]
+    greedy = generate(model, prompt, 200).tokens
+    wrong = next(t for t in range(model.config.vocab_size) if t not in greedy)
+    clock = FakeClock()
+    drafter = Adaptive(Branching(clock, greedy, len(prompt), wrong), clock=clock)
+    res = generate(model, prompt, 200, drafter)
+    assert res.tokens == greedy
+    steps = sum(drafter.chosen)
+    # depth 2 gives 3 tokens for 1.6 s, depth 6 about 2.5 for 2.8 s; the product of the acceptance
+    # per depth (1 at depth 1 from the shallow steps, 1 beyond it) would promise 7 at depth 6
+    assert drafter.chosen[2] >= 0.6 * steps and sum(drafter.chosen[4:]) <= 0.2 * steps, drafter.chosen

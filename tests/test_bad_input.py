@@ -180,6 +180,8 @@ def test_damaged_target(ckpt_copy, change, words):
     ("draft_model", "draft_model.pt", lambda s: s.update(config={**s["config"], "n_layer": 3}), ["do not match"]),
     ("mask", "mask.pt", lambda s: s.update(k_max=None), ["'k_max'"]),
     ("mask", "mask.pt", lambda s: s.update(model={}), ["do not match"]),
+    ("mask", "mask.pt", lambda s: s.pop("sampling_model"), ["'sampling_model'"]),
+    ("mask", "mask.pt", lambda s: s.update(sampling_model={}), ["do not match"]),
     ("layerskip", "layerskip.pt", lambda s: s.update(exit_layer="2"), ["'exit_layer'"]),
 ])
 def test_damaged_drafter(ckpt_copy, method, file, change, words):

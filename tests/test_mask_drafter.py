@@ -107,7 +107,7 @@ def test_one_drafter_forward_per_step(tiny, tiny_ckpt):
         res = speculative.generate(model, [10, 11, 12, 13], 40, drafter)
     finally:
         hook.remove()
-    assert calls[0][1] == 0  # start(): the prompt's prefill, no [M]
+    assert calls[0][1] == 0  # the prompt's prefill at the first step, no [M]
     assert len(calls) - 1 == res.stats.target_forwards  # then all k drafts of a step from one forward
     assert max(shape[1] for shape in calls) == 8  # (1, k, V): the logits of k [M]s
 
@@ -132,9 +132,10 @@ def replayed(drafter, target, seq, k):
     return drafter(x, feats, torch.arange(n + k), torch.arange(k), masks.mask_token_block(n, k))[0]
 
 
-def online_vs_replayed(target, drafter, prompt, n_new, **kwargs):
+def online_vs_replayed(target, drafter, prompt, n_new, net=None, **kwargs):
     """Decode with a MaskDrafter online, recording every step: returns [(seq, drafts, the [M]s'
-    logits (k, V) of that step's drafter forward)] and the result."""
+    logits (k, V) of that step's drafter forward)] and the result. net: the set whose forwards
+    are recorded (default the greedy set, drafter.drafter)."""
     steps, logits, propose = [], [], drafter.propose
 
     def recording(seq, room, sampling):
@@ -143,7 +144,7 @@ def online_vs_replayed(target, drafter, prompt, n_new, **kwargs):
         return draft
 
     drafter.propose = recording
-    hook = drafter.drafter.register_forward_hook(lambda module, args, out: logits.append(out.clone()))
+    hook = (net or drafter.drafter).register_forward_hook(lambda module, args, out: logits.append(out.clone()))
     try:
         res = speculative.generate(target, prompt, n_new, drafter, **kwargs)
     finally:
@@ -209,6 +210,26 @@ def test_online_drafts_equal_replayed_drafts_trained(k, tiny, tiny_ckpt):
             if room >= k:  # [M]_i's label: the token the target wrote at t+i
                 labels = mask_drafter.target_labels(text, y, torch.tensor([len(seq)]), k)[0]
                 assert torch.equal(labels, text[0, len(seq):len(seq) + k])
+
+
+def test_the_sampling_set_drafts_when_sampling(tiny, tiny_ckpt):
+    """Sampling drafts with the sampling set, replayed from scratch step by step, after a greedy
+    call with the same drafter object (the cache is refilled for the set that drafts); then greedy
+    decoding drafts with the greedy set again and is still identical to plain greedy decoding."""
+    model, _ = tiny
+    drafter = minispec.make_drafter("mask", model, ckpt=tiny_ckpt, k=3)
+    prompt = prompts(tiny_ckpt, n=1, seed=2)[0]
+    plain = speculative.generate(model, prompt, 32).tokens
+    assert speculative.generate(model, prompt, 32, drafter).tokens == plain
+    steps, _ = online_vs_replayed(model, drafter, prompt, 32, net=drafter.sampling_drafter, temperature=0.8, seed=1)
+    assert sum(len(tokens) > 0 for _, tokens, _ in steps) > 3
+    for seq, tokens, online in steps:
+        if len(tokens) == 0:
+            continue
+        again = replayed(drafter.sampling_drafter, model, seq, len(tokens))
+        assert torch.allclose(online, again, rtol=1e-4, atol=1e-4), f"step at {len(seq)}"
+        assert not torch.allclose(online, replayed(drafter.drafter, model, seq, len(tokens)), atol=1e-3)
+    assert speculative.generate(model, prompt, 32, drafter).tokens == plain
 
 
 def test_greedy_runs_are_what_greedy_decoding_writes_after_every_prefix(tiny, tiny_ckpt):

@@ -72,11 +72,10 @@ import torch.nn.functional as F
 from .. import checkpoint, masks
 from ..errors import MinispecError
 from ..speculative import Draft, Drafter
-from ..train import continuations, fit
+from ..train import SAMPLE_T, continuations, fit
 from ..verify import overlap
 
 TEACHERS = ("corpus", "greedy", "soft", "sampled")
-SAMPLE_T = 0.8  # the temperature of the "sampled" teacher's continuations
 RANKS = 4  # the tree draws on each head's top RANKS tokens
 N_TOKENS = 5  # the heads see the embeddings of the newest 5 tokens besides h_t
 

@@ -43,34 +43,42 @@ cross-entropy of [M]_i against what verification would accept there: the token t
 writes at r+i-1 after the prefix, greedily. One forward trains many cuts of the same sequence
 (masks.mask_token_training): each group of k [M]s sees the prefix up to its own cut and its own
 group. The prefix rows get a next-token loss against the target too (prefix_loss): they are
-computed anyway, and [M]_1's row starts from the last one, so d_1 learns at every position. Half
-of each batch (teacher "greedy") is the target's own greedy continuations of corpus prefixes
-(sequence-level distillation: online, the drafter reads exactly such text, loops included),
-every [M] labelled by the text itself. The other half is corpus windows: every prefix row
-learns the target's next-token distribution there, and every [M] of a cut at r the target's
-greedy run after that prefix, computed once for all the cuts of all windows (train.greedy_runs).
-"glancing" adds GLAT's glancing (SpecDec's glat_loss.py): a no-grad pass first; in each group
-(#wrong * p) random [M]s are shown as their true tokens and the loss is taken on the others.
-"corpus" trains on corpus windows alone, with labels only where the text is what the target
-would have written (mostly d_1). The one-layer drafter starts from the target's embeddings,
-final norm and lowest layer (train.warm_start); a second layer doubles the drafting cost, which
-every step pays. `--mask-teacher compare` keeps the teacher with the higher replayed tau.
+computed anyway, and [M]_1's row starts from the last one. Half of each batch (teacher "greedy")
+is the target's own greedy continuations of corpus prefixes (sequence-level distillation:
+online, the drafter reads exactly such text, loops included). The other half is corpus windows:
+every prefix row learns the target's next-token distribution there, and every [M] of a cut at r
+the target's greedy run after that prefix (train.greedy_runs). "glancing" adds GLAT's glancing
+(SpecDec's glat_loss.py): in each group (#wrong * p) random [M]s are shown as their true tokens
+and the loss is taken on the others; "corpus" trains on corpus windows alone. A second layer
+would double the drafting cost, which every step pays.
+
+The first draft, d_1, is the one every step needs, and a classic draft model gets it right more
+often: it learns the target's whole next-token distribution at every position of the corpus.
+Measured at every cut of the benchmark's text, the drafter's own last prefix row (a plain
+next-token row) did no better than [M]_1, so the gap was what the labels taught, not the [M]
+query. So [M]_1 also learns the target's whole distribution at its cut (first_soft), and the
+drafter starts from the trained draft model (start_from): a one-layer GPT of the same shape
+that already reads x_t the way d_1 needs, where the target's lowest layer only begins to.
 
 Online equals replay: the drafts decoding makes with its cache are the drafts a from-scratch
-forward over the same prefix gives (tests/test_mask_drafter.py checks it step by step), so when
+forward over the same prefix gives (tests/test_mask_drafter.py checks it step by step), so where
 the drafter does worse on the benchmark's prompts than on held-out continuations, it generalises
-badly: there is no decoding bug. What it failed at (lesson 05's last section counts it at every
-cut; the README's **mask** note has the numbers): loops the target falls into ("ti ti ti",
-"CUT_CUT") made of tokens its few hundred greedy continuations rarely hold. One layer drafting
-x_{t+2} without seeing x_{t+1} cannot chain next-token guesses as a draft model does: it must
-have seen the two-step pattern as a label, and the greedy runs after every corpus prefix give it
-those labels wherever the corpus goes. Measured and not kept: the target's features (EAGLE-style;
-they generalised worse), a second layer, more greedy continuations, weighting [M]_1's loss more,
-warm-starting from the draft model.
+badly; there is no decoding bug. What it misses (lesson 05 counts it at every cut, per prompt)
+are long-period loops the target falls into ("CUT_CUT"): one layer drafting x_{t+2} without
+seeing x_{t+1} cannot chain next-token guesses as a draft model does; it must have seen the
+two-step pattern as a label, which the greedy runs after every corpus prefix provide.
 
 Sampling: q_i is the softmax of [M]_i's logits at the decoding temperature and d_i is drawn from
-it, so speculative sampling keeps the target's distribution exactly. SpecDec's relaxed top-beta
-verification (`decode.py --beta 5 --margin 3`) is LOSSY: it changes the output.
+it, so speculative sampling keeps the target's distribution exactly. A sampled d_i is accepted
+with probability 1 - TV(p, q_i) on average, so q_i must be close to the target's whole
+distribution, not just share its top token: the greedy set's q_i are spikes. So a checkpoint
+holds two sets of weights, as blockwise heads do: the greedy set above, and a sampling set
+(teacher "sampled") trained on the target's continuations sampled at SAMPLE_T, every row against
+the target's full distribution for the token it stands for. [M]_i with i > 1 drafts without
+knowing d_1..d_{i-1}, so the best it can match is that token's distribution averaged over them
+(lesson 04 measures how low that ceiling is). Decoding picks the set by the temperature.
+SpecDec's relaxed top-beta verification (`decode.py --beta 5 --margin 3`) is LOSSY: it changes
+the output.
 """
 
 from dataclasses import asdict, replace
@@ -85,9 +93,10 @@ from ..data import get_batch
 from ..errors import MinispecError
 from ..model import GPT
 from ..speculative import Draft, Drafter
-from ..train import continuations, fit, greedy_runs, warm_start
+from ..train import SAMPLE_T, continuations, fit, greedy_runs, warm_start
+from ..verify import overlap
 
-TEACHERS = ("corpus", "greedy", "glancing")  # glancing: greedy targets, glancing on
+TEACHERS = ("corpus", "greedy", "glancing", "sampled")  # glancing: greedy targets, glancing on; sampled: below
 
 
 class SpecDrafter(nn.Module):
@@ -119,20 +128,28 @@ class SpecDrafter(nn.Module):
         return self.gpt.head(x if every_row else x[:, n:])[0]  # usually the LM head on the [M] rows only
 
 
+def features_of(hidden):
+    """The target's final hidden states (B, T, C) -> the features of the tokens (B, T, C): at j,
+    the hidden state at token j-1 (the one that predicted x_j), zeros at j = 0 where there is none."""
+    return F.pad(hidden[:, :-1], (0, 0, 1, 0))
+
+
 @torch.no_grad()
 def target_outputs(target, x):
-    """x (B, T) -> features (B, T, C): at j, the target's final hidden state at token j-1 (the one
-    that predicted x_j), zeros at j = 0 where there is none; and greedy (B, T): the target's
-    argmax next token after each token."""
+    """x (B, T) -> features (B, T, C) and greedy (B, T): the target's argmax next token after each token."""
     T = x.size(1)
     logits, hidden = target(x, torch.arange(T, device=x.device), masks.causal(T, x.device))  # (B, T, V), (B, T, C)
-    return F.pad(hidden[:, :-1], (0, 0, 1, 0)), logits.argmax(-1)
+    return features_of(hidden), logits.argmax(-1)
 
 
 class MaskDrafter(Drafter):
-    def __init__(self, target, drafter, k):
-        if k > drafter.k_max:
-            raise MinispecError(f"mask was trained for k up to {drafter.k_max}; k={k} asks for more")
+    """drafter for greedy decoding, sampling_drafter (default: the same) when sampling."""
+
+    def __init__(self, target, drafter, k, sampling_drafter=None):
+        self.sampling_drafter = drafter if sampling_drafter is None else sampling_drafter
+        k_max = min(drafter.k_max, self.sampling_drafter.k_max)
+        if k > k_max:
+            raise MinispecError(f"mask was trained for k up to {k_max}; k={k} asks for more")
         self.target, self.drafter, self.k = target, drafter, k
         config = drafter.gpt.config
         self.feats = torch.zeros(config.block_size, config.n_embd, device=drafter.mask_emb.device)  # (S, C)
@@ -140,15 +157,19 @@ class MaskDrafter(Drafter):
     def start(self, prompt, cache):
         """The prompt's features: one extra target forward over the prompt (generate's prefill
         keeps only keys and values); every later feature comes free with verification (observe).
-        Then the prompt, x_t aside, goes into the drafter's own cache: a prefill with no [M]."""
-        self.cache = cudagraph.cache_like(cache, self.drafter.gpt)
+        Then the prompt, x_t aside, goes into each set's own cache: a prefill with no [M]. Only
+        one set drafts in a call (the temperature decides which), and only its cache is kept up."""
         self.feats[:len(prompt)] = target_outputs(self.target, torch.tensor([prompt], device=self.feats.device))[0][0]
         n = len(prompt) - 1
-        if n:
-            pos = torch.arange(n, device=self.feats.device)
-            self.drafter(torch.tensor([prompt[:-1]], device=pos.device), self.feats[None, :n], pos, pos[:0],
-                         masks.causal(n, pos.device), self.cache, pos)
-        self.fed = n  # the drafter's cache holds seq[:fed]
+        pos = torch.arange(n, device=self.feats.device)
+        self.caches = {}
+        for net in (self.drafter, self.sampling_drafter):
+            if net not in self.caches:
+                self.caches[net] = cudagraph.cache_like(cache, net.gpt)
+                if n:
+                    net(torch.tensor([prompt[:-1]], device=pos.device), self.feats[None, :n], pos, pos[:0],
+                        masks.causal(n, pos.device), self.caches[net], pos)
+        self.fed = n  # the drafting set's cache holds seq[:fed]
 
     def observe(self, step):
         """The verification forward's hidden states at x_t and the accepted drafts are the
@@ -158,13 +179,15 @@ class MaskDrafter(Drafter):
     def block_forward(self, idx, pos, mask, slots, feats, offsets):
         """The accepted tokens idx (1, n) with their features (1, n, C), then len(offsets) [M]s,
         in one forward over the drafter's cache -> the [M]s' logits (1, m, V)."""
-        return (self.drafter(idx, feats, pos, offsets, mask, self.cache, slots),)
+        return (self.net(idx, feats, pos, offsets, mask, self.cache, slots),)
 
     def propose(self, seq, room, sampling):
         k = min(self.k, room)
         self.drafting = None  # (block mask, tokens) of this step's drafter forward, for reports to draw
         if k <= 0:
             return Draft.chain([])
+        self.net = self.sampling_drafter if sampling.temperature else self.drafter
+        self.cache = self.caches[self.net]
         device = self.cache.kv.device
         new = seq[self.fed:]  # accepted tokens the cache lacks: x_t and those accepted last step
         n = len(new)
@@ -173,7 +196,7 @@ class MaskDrafter(Drafter):
         self.drafting = block.cpu(), new
         mask = masks.cached_block(self.fed, block, self.fed + n + k, device)
         offsets = torch.arange(k, device=device)  # [M]_i has offset i-1
-        logits = cudagraph.run(self.cache, ("mask", id(self.drafter), k), self.block_forward,
+        logits = cudagraph.run(self.cache, ("mask", id(self.net), k), self.block_forward,
                                torch.tensor([new], device=device), pos, mask, pos,
                                self.feats[None, self.fed:len(seq)], offsets)[0][0]  # (k, V)
         self.fed = len(seq)  # the [M] entries at slots t+1..t+k are dead: next step overwrites them
@@ -187,16 +210,18 @@ def make(model, ckpt=None, k=4, untrained=False):
     if ckpt is None:
         raise MinispecError("mask needs a trained [M]-token drafter: make one with `python train_tiny.py`")
     path = Path(ckpt) / "mask.pt"
-    state = checkpoint.load(path, "mask", device, config=dict, k_max=int, model=dict)
+    state = checkpoint.load(path, "mask", device, config=dict, k_max=int, model=dict, sampling_model=dict)
     config = checkpoint.gpt_config(state["config"], path)
     checkpoint.check_drafter(config, model.config, path)
-    drafter = checkpoint.load_weights(SpecDrafter(config, max(state["k_max"], 1)), state["model"], path)
-    return MaskDrafter(model, drafter.to(device).eval(), k)
+    greedy, sampling = (checkpoint.load_weights(SpecDrafter(config, max(state["k_max"], 1)), state[name], path)
+                        .to(device).eval() for name in ("model", "sampling_model"))
+    return MaskDrafter(model, greedy, k, sampling)
 
 
-def save_drafter(path, drafter, meta):
+def save_drafter(path, drafter, sampling_drafter, meta):
+    """Both sets in one file: `model` drafts when decoding greedily, `sampling_model` when sampling."""
     checkpoint.save(path, "mask", config=asdict(drafter.gpt.config), k_max=drafter.k_max,
-                    model=drafter.state_dict(), meta=meta)
+                    model=drafter.state_dict(), sampling_model=sampling_drafter.state_dict(), meta=meta)
 
 
 def random_cuts(T, k, n_cuts, generator):
@@ -214,10 +239,10 @@ def mask_token_batch(x, cuts, k, start=0):
     return pos, offsets.to(x.device), masks.mask_token_training(T, cuts.tolist(), k, x.device), x[:, at.to(x.device)]
 
 
-def greedy_sequences(target, ids, n_seqs, seed, log):
-    """The target's greedy continuations of corpus prefixes, one per row: (n_seqs, block_size)."""
+def target_sequences(target, ids, n_seqs, seed, log, temperature=0.0):
+    """The target's greedy (or sampled) continuations of corpus prefixes, one per row: (n_seqs, block_size)."""
     T = target.config.block_size
-    flat = continuations(target, ids, n_seqs=n_seqs, seed=seed, log=log)
+    flat = continuations(target, ids, n_seqs=n_seqs, seed=seed, temperature=temperature, log=log)
     return torch.as_tensor(flat.astype("int64")).view(n_seqs, T + 1)[:, :T]  # drop the end-of-text
 
 
@@ -238,19 +263,23 @@ SOFT_TOP = 32  # the target's distributions are kept as their top 32 tokens, ren
 
 
 @torch.no_grad()
-def soft_windows(target, ids, n, generator, batch=32):
-    """n corpus windows and what the target says on them, computed once: tokens (n, T), features
-    (n, T, C), and its next-token distributions as the top SOFT_TOP probabilities (renormalised)
-    and their token ids, (n, T, SOFT_TOP) each."""
-    device = next(target.parameters()).device
-    T = target.config.block_size
-    x = get_batch(ids, n, T, generator)[0].to(device)
+def target_soft(target, x, batch=32):
+    """What the target says on texts x (n, T), in batches: features (n, T, C) and its next-token
+    distributions as the top SOFT_TOP probabilities (renormalised) and their token ids, (n, T, SOFT_TOP)."""
+    T = x.size(1)
+    pos, mask = torch.arange(T, device=x.device), masks.causal(T, x.device)
     out = []
     for xb in x.split(batch):
-        logits, hidden = target(xb, torch.arange(T, device=device), masks.causal(T, device))
+        logits, hidden = target(xb, pos, mask)
         p, top = torch.softmax(logits, -1).topk(SOFT_TOP, -1)
-        out.append((F.pad(hidden[:, :-1], (0, 0, 1, 0)), p / p.sum(-1, keepdim=True), top))
-    return (x, *(torch.cat(z) for z in zip(*out)))
+        out.append((features_of(hidden), p / p.sum(-1, keepdim=True), top))
+    return tuple(torch.cat(z) for z in zip(*out))
+
+
+def soft_windows(target, ids, n, generator):
+    """n corpus windows (n, T) and what the target says on them (target_soft)."""
+    x = get_batch(ids, n, target.config.block_size, generator)[0].to(next(target.parameters()).device)
+    return (x, *target_soft(target, x))
 
 
 def soft_cross_entropy(logits, p, top):
@@ -260,7 +289,7 @@ def soft_cross_entropy(logits, p, top):
 
 def train_mask_drafter(target, train_ids, steps, batch_size, lr, teacher="greedy", k_max=12, n_layer=1,
                        n_cuts=16, n_seqs=384, glance=0.5, prefix_loss=1.0, features=False, soft_rows=0.5,
-                       n_windows=512, log=print, seed=0):
+                       n_windows=512, first_soft=2.0, start_from=None, log=print, seed=0):
     """Train an [M]-token drafter for `target`; teacher is one of TEACHERS.
 
     Each step takes batch_size windows of half the context, at random offsets, with n_cuts groups
@@ -270,10 +299,17 @@ def train_mask_drafter(target, train_ids, steps, batch_size, lr, teacher="greedy
     soft_rows: the share of each batch (with the greedy teachers) taken from n_windows corpus
     windows, computed once, with the target's next-token distribution (its top SOFT_TOP tokens)
     as the label of every prefix row and its greedy run after the cut as the labels of the [M]s.
+    first_soft: the weight of a second loss on [M]_1, the cross-entropy to the target's whole
+    next-token distribution at its cut, as the draft model learns (in both halves of a batch).
+    start_from: a one-layer GPT of the drafter's shape to start from (train_tiny.py passes the
+    trained draft model); None starts from the target's lowest layer (train.warm_start).
     """
     device = next(target.parameters()).device
     drafter = SpecDrafter(replace(target.config, n_layer=n_layer), k_max).to(device)
-    warm_start(drafter.gpt, target)
+    if start_from is None:
+        warm_start(drafter.gpt, target)
+    else:
+        drafter.gpt.load_state_dict(start_from.state_dict())
     if not features:
         nn.init.zeros_(drafter.fuse.weight)
         nn.init.zeros_(drafter.fuse.bias)
@@ -281,28 +317,59 @@ def train_mask_drafter(target, train_ids, steps, batch_size, lr, teacher="greedy
     T = target.config.block_size
     W = T // 2
     generator = torch.Generator().manual_seed(seed)
-    if teacher != "corpus":  # the target's greedy continuations and what it says on them, computed once
-        seqs = greedy_sequences(target, train_ids, n_seqs, seed, log).to(device)
-        outputs = [target_outputs(target, x) for x in seqs.split(16)]
-        seq_feats, seq_next = (torch.cat(out) for out in zip(*outputs))  # (N, T, C), (N, T)
-    n_soft = 0 if teacher == "corpus" else min(round(batch_size * soft_rows), batch_size - 1)
+    if teacher == "sampled":  # continuations sampled from the target
+        seqs = target_sequences(target, train_ids, n_seqs, seed, log, temperature=SAMPLE_T).to(device)
+    elif teacher != "corpus":  # the target's greedy continuations and what it says on them, computed once
+        seqs = target_sequences(target, train_ids, n_seqs, seed, log).to(device)
+        seq_feats, seq_p, seq_top = target_soft(target, seqs)  # (N, T, C), (N, T, SOFT_TOP) twice
+    n_soft = 0 if teacher in ("corpus", "sampled") else min(round(batch_size * soft_rows), batch_size - 1)
     n_windows = min(n_windows, steps * n_soft)  # never more windows than the steps will draw
     if n_soft:
         corpus = soft_windows(target, train_ids, n_windows, generator)
         log(f"mask drafter: the target's greedy runs after every prefix of {n_windows} corpus windows")
         corpus_runs = greedy_runs(target, corpus[0], k_max)  # (n_windows, T, k_max): every [M]'s label
 
+    def sampled_loss():
+        """Every row learns the target's distribution of the token it stands for, given the sampled
+        text before that token: the prefix rows their next token's, [M]_i at cut r that of the
+        token at r+i-1 (the distribution computed at the row before it). Averaged over the sampled
+        text, that is the marginal a draft made without the drafts before it can best match. The
+        whole distribution, computed for each batch: on sampled text the target's top 32 tokens
+        hold only about two thirds of it."""
+        x = seqs[torch.randint(len(seqs), (batch_size,), generator=generator).to(device)]  # (B, T)
+        with torch.no_grad():
+            logits, hidden = target(x, torch.arange(T, device=device), masks.causal(T, device))  # (B, T, V), (B, T, C)
+        start = int(torch.randint(T - W + 1, (1,), generator=generator))
+        p = torch.softmax(logits[:, start:start + W], -1)  # (B, W, V)
+        f = features_of(hidden)[:, start:start + W]  # (B, W, C)
+        x = x[:, start:start + W]
+        pos, offsets, mask, _ = mask_token_batch(x, random_cuts(W, k_max, n_cuts, generator), k_max, start)
+        before = pos[W:] - start - 1  # (m,) the row whose distribution each [M] learns
+        logits = drafter(x, f, pos, offsets, mask, every_row=True)  # (B, W + m, V)
+        return (F.cross_entropy(logits[:, W:].flatten(0, 1), p[:, before].flatten(0, 1))
+                + prefix_loss * F.cross_entropy(logits[:, :W].flatten(0, 1), p.flatten(0, 1)))
+
     def batch_loss(step):
+        if teacher == "sampled":
+            return sampled_loss()
         if teacher == "corpus":
             x = get_batch(train_ids, batch_size, T, generator)[0].to(device)
-            f, y = target_outputs(target, x)  # (B, T, C) features, (B, T) the target's next tokens
+            f, p, top = target_soft(target, x)  # (B, T, C) features, (B, T, SOFT_TOP) its distributions
         else:
             rows = torch.randint(len(seqs), (batch_size - n_soft,), generator=generator).to(device)
-            x, f, y = seqs[rows], seq_feats[rows], seq_next[rows]
+            x, f, p, top = seqs[rows], seq_feats[rows], seq_p[rows], seq_top[rows]
         start = int(torch.randint(T - W + 1, (1,), generator=generator))  # (B, W) at positions start..
-        x, f, y = x[:, start:start + W], f[:, start:start + W], y[:, start:start + W]
+        x, f, p, top = (z[:, start:start + W] for z in (x, f, p, top))
+        y = top[..., 0]  # (B, W) the target's greedy next tokens
         cuts = random_cuts(W, k_max, n_cuts, generator)
         pos, offsets, mask, _ = mask_token_batch(x, cuts, k_max, start)
+        first = cuts.to(device) - 1  # (n_cuts,) the row of each group's x_t, whose distribution [M]_1 learns
+
+        def first_loss(logits, p, top, shown=None):
+            """[M]_1 of every group (B, n_cuts) against the target's distribution at its cut; not where shown."""
+            loss = soft_cross_entropy(logits[:, W:][:, offsets == 0], p[:, first], top[:, first])
+            return first_soft * (loss.mean() if shown is None else loss[~shown].sum() / max(int((~shown).sum()), 1))
+
         labels = target_labels(x, y, cuts, k_max)
         reveal = None
         if teacher == "glancing":
@@ -316,6 +383,7 @@ def train_mask_drafter(target, train_ids, steps, batch_size, lr, teacher="greedy
         logits = drafter(x, f, pos, offsets, mask, reveal=reveal, every_row=True)  # (B, W + m, V)
         loss = F.cross_entropy(logits[:, W:].flatten(0, 1), labels.flatten(), ignore_index=-100)
         loss = loss + prefix_loss * F.cross_entropy(logits[:, :W].flatten(0, 1), y.flatten())
+        loss = loss + first_loss(logits, p, top, None if reveal is None else reveal[:, offsets == 0] >= 0)
         if not n_soft:
             return loss
         rows = torch.randint(n_windows, (n_soft,), generator=generator).to(device)
@@ -324,7 +392,7 @@ def train_mask_drafter(target, train_ids, steps, batch_size, lr, teacher="greedy
         run_labels = corpus_runs[rows[:, None], last, offsets]  # (n_soft, m) what the target writes from there on
         logits = drafter(cx, cf, pos, offsets, mask, every_row=True)
         soft = F.cross_entropy(logits[:, W:].flatten(0, 1), run_labels.flatten())
-        soft = soft + prefix_loss * soft_cross_entropy(logits[:, :W], cp, ci).mean()
+        soft = soft + prefix_loss * soft_cross_entropy(logits[:, :W], cp, ci).mean() + first_loss(logits, cp, ci)
         return (loss * len(x) + soft * n_soft) / batch_size
 
     drafter.train()
@@ -347,11 +415,30 @@ def right_at_cuts(drafter, target, x, first, k):
 
 
 @torch.no_grad()
+def mask_overlap(drafter, target, ids, temperature=SAMPLE_T, n_seqs=16, k=4, seed=1234):
+    """(k,): the mean of 1 - TV(p, q_i) over every cut of held-out continuations sampled at
+    `temperature`, q_i being [M]_i's distribution at that temperature and p the target's for the
+    token it stands for, given the sampled tokens before it: how often a sampled d_i is accepted
+    when the drafts before it were."""
+    seqs = target_sequences(target, ids, n_seqs, seed, log=lambda line: None, temperature=temperature)
+    T, first = seqs.size(1), min(32, seqs.size(1) // 4)
+    total = torch.zeros(k)
+    for x in seqs.to(next(drafter.parameters()).device).split(1):
+        logits, hidden = target(x, torch.arange(T, device=x.device), masks.causal(T, x.device))  # (1, T, V), (1, T, C)
+        f, p = features_of(hidden), torch.softmax(logits[0] / temperature, -1)
+        for cuts in torch.arange(first, T - k + 1).split(64):
+            pos, offsets, mask, _ = mask_token_batch(x, cuts, k)
+            q = torch.softmax(drafter(x, f, pos, offsets, mask)[0] / temperature, -1)  # (m, V)
+            total += overlap(p[pos[T:] - 1], q).view(-1, k).sum(0).cpu()  # p of the token at pos from the row before
+    return (total / (n_seqs * (T - k + 1 - first))).tolist()
+
+
+@torch.no_grad()
 def mask_agreement(drafter, target, ids, k=None, n_seqs=16, seed=1234):
     """Greedy decoding replayed on held-out greedy continuations of the target (what verification
     accepts): from the first cut on, each step accepts the leading run of right drafts plus one
     token. Returns (acceptance per position i, P(d_i right | d_1..d_{i-1} right); tau)."""
-    seqs = greedy_sequences(target, ids, n_seqs, seed, log=lambda line: None)
+    seqs = target_sequences(target, ids, n_seqs, seed, log=lambda line: None)
     T, k = seqs.size(1), k or drafter.k_max
     device = next(drafter.parameters()).device
     tried, accepted, tokens, steps = torch.zeros(k), torch.zeros(k), 0, 0
