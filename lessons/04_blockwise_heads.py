@@ -14,12 +14,10 @@ Models" (NeurIPS 2018); the head form of Medusa (Cai et al. 2024).
 File: minispec/drafters/blockwise.py (the heads, their training, and how they propose).
 """
 
-from pathlib import Path
-
 import numpy as np
 import torch
 
-from common import decode_prompts, label, lesson, prompts, run, section, show_mask
+from common import decode_prompts, label, lesson, prompts, run, section, show_mask, val_tokens
 from minispec import generate, make_drafter, masks
 from minispec.drafters.blockwise import head_overlap
 from minispec.train import SAMPLE_T, continuations
@@ -78,7 +76,7 @@ def main():
     print("A head further ahead guesses from the same h_t with less to go on: the gain flattens with k.")
 
     section(f"sampling (T = {SAMPLE_T}): a sampled draft is accepted with probability 1 - TV(p, q)")
-    val = np.load(next(Path(ckpt).glob("tokens-val*.npy")))
+    val = val_tokens(ckpt)
     drafter = make_drafter("blockwise", model, ckpt=ckpt, k=4)
     for name, heads in (("greedy set", drafter.heads), ("sampling set", drafter.sampling_heads)):
         one_minus_tv = head_overlap(heads, model, val, n_seqs=8, new_tokens=64)

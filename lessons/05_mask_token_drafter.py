@@ -13,12 +13,9 @@ for Accelerating Seq2seq Generation" (SpecDec, Findings of EMNLP 2023).
 File: minispec/drafters/mask_drafter.py (the drafter, its masks, its training with glancing).
 """
 
-from pathlib import Path
-
-import numpy as np
 import torch
 
-from common import decode_prompts, label, lesson, prompts, run, section, show_mask
+from common import decode_prompts, label, lesson, prompts, run, section, show_mask, val_tokens
 from minispec import generate, make_drafter, masks
 from minispec.drafters.mask_drafter import mask_overlap, right_at_cuts
 from minispec.train import SAMPLE_T
@@ -60,7 +57,7 @@ def main():
     print("each other's tokens are right: compare the acceptance at 1..k. SpecDec trains the drafter on the")
     print("target's own outputs and also relaxes verification (decode.py --beta), which is LOSSY.")
 
-    section(f"where the [M]s are right: at every cut of the benchmark's greedy text (8 prompts x 128 tokens)")
+    section("where the [M]s are right: at every cut of the benchmark's greedy text (8 prompts x 128 tokens)")
     print("Each row: one of decode.py's prompts, how often [M]_1..[M]_4 are right at EVERY cut of the")
     print("target's greedy continuation of it (not only where a step starts), and how the text ends.")
     drafter = make_drafter("mask", model, ckpt=ckpt, k=K).drafter
@@ -76,7 +73,7 @@ def main():
     print("does, so it is right only on the two-step patterns its training labels held.")
 
     section(f"sampling (T = {SAMPLE_T}): a sampled draft is accepted with probability 1 - TV(p, q)")
-    val = np.load(next(Path(ckpt).glob("tokens-val*.npy")))
+    val = val_tokens(ckpt)
     sets = make_drafter("mask", model, ckpt=ckpt, k=K)
     for name, net in (("greedy set", sets.drafter), ("sampling set", sets.sampling_drafter)):
         one_minus_tv = mask_overlap(net, model, val, n_seqs=4, k=K)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import lesson, prompts, run, section, show_mask
+from common import lesson, prompts, run, section, show_mask, val_tokens
 from minispec import Stats, generate, make_drafter, masks
 from minispec.verify import overlap
 
@@ -54,7 +54,7 @@ def main():
     model, tok, ckpt = lesson(__doc__)
     test_prompts = prompts(ckpt, tok, 2)
     L = model.config.n_layer
-    val = np.load(next(Path(ckpt).glob("tokens-val*.npy")))[:model.config.block_size]
+    val = val_tokens(ckpt)[:model.config.block_size]
     x = torch.tensor(val.astype(np.int64))[None]  # (1, T) held-out text
 
     section("the masks: drafting feeds one token at a time through the target's own cache")

@@ -65,11 +65,16 @@ def display(path):
     return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
 
 
+def val_tokens(ckpt):
+    """The held-out token ids that train_tiny.py cached in the checkpoint folder (a numpy array)."""
+    return np.load(next(Path(ckpt).glob("tokens-val*.npy")))
+
+
 def prompts(ckpt, tok, n=2):
     """n held-out prompts as token ids: those train_tiny.py stored with the target, then (a micro
     model's small corpus may give fewer) 16-token windows of the validation tokens."""
     ids = [tok.encode(text, allowed_special="all") for text in checkpoint.target_meta(ckpt)["prompts"][:n]]
-    val = np.load(next(Path(ckpt).glob("tokens-val*.npy")))
+    val = val_tokens(ckpt)
     return ids + [val[i * 100:i * 100 + 16].tolist() for i in range(n - len(ids))]
 
 
