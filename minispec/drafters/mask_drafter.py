@@ -334,8 +334,8 @@ def train_mask_drafter(target, train_ids, steps, batch_size, lr, teacher="greedy
         text before that token: the prefix rows their next token's, [M]_i at cut r that of the
         token at r+i-1 (the distribution computed at the row before it). Averaged over the sampled
         text, that is the marginal a draft made without the drafts before it can best match. The
-        whole distribution, computed for each batch: on sampled text the target's top 32 tokens
-        hold only about two thirds of it."""
+        whole distribution, computed for each batch: sampled text is where the target is unsure,
+        and its top SOFT_TOP tokens leave much of the mass out there."""
         x = seqs[torch.randint(len(seqs), (batch_size,), generator=generator).to(device)]  # (B, T)
         with torch.no_grad():
             logits, hidden = target(x, torch.arange(T, device=device), masks.causal(T, device))  # (B, T, V), (B, T, C)
