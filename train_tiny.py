@@ -232,7 +232,8 @@ def train_mask(args, preset, target, train_ids, val_ids, out, draft):
     --mask-teacher compare, the teacher whose drafter gives the higher tau at k=12 when greedy
     decoding is replayed on the target's held-out continuations is kept), and the sampling set,
     trained on sampled continuations."""
-    teachers = MASK_TEACHERS if args.mask_teacher == "compare" else tuple(dict.fromkeys((args.mask_teacher, "sampled")))
+    teachers = (MASK_TEACHERS if args.mask_teacher == "compare" else
+                tuple(dict.fromkeys((args.mask_teacher, "sampled"))))  # the sampling set is always trained
     steps = {t: preset.mask_sampled_steps if t == "sampled" else preset.mask_steps for t in teachers}
     drafters = {t: train_mask_drafter(target, train_ids, steps[t], preset.batch_size // 2, 2.5 * preset.lr, t,
                                       start_from=None if t == "sampled" else draft,

@@ -24,8 +24,9 @@ first forward over the prompt).
 
 That product assumes the i-th draft is accepted as often whatever k is, which holds for a chain
 drafted token by token (a deeper chain only adds drafts after the same ones), nearly so for the
-[M] drafter (its [M]s see each other), and not for a drafter whose draft has several paths: blockwise's best tree of 8 nodes k deep is wide when k is small and nearly a
-chain when k is large, so its first draft is accepted less often at large k. For such drafters
+[M] drafter (its [M]s see each other), and not for a drafter whose draft has several paths:
+blockwise's best tree of 8 nodes k deep is wide when k is small and nearly a chain when k is
+large, so its first draft is accepted less often at large k. For such drafters
 E[tokens | k] is ALSO measured directly, as the mean tokens of earlier steps that drafted k deep
 (in the same state), shrunk toward the product above (worth PRIOR steps).
 
