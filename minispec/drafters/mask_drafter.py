@@ -74,9 +74,11 @@ with probability 1 - TV(p, q_i) on average, so q_i must be close to the target's
 distribution, not just share its top token: the greedy set's q_i are spikes. So a checkpoint
 holds two sets of weights, as blockwise heads do: the greedy set above, and a sampling set
 (teacher "sampled") trained on the target's continuations sampled at SAMPLE_T, every row against
-the target's full distribution for the token it stands for. [M]_i with i > 1 drafts without
-knowing d_1..d_{i-1}, so the best it can match is that token's distribution averaged over them
-(lesson 04 measures how low that ceiling is). Decoding picks the set by the temperature.
+the target's full distribution for the token it stands for. It starts from the draft model too,
+whose q is already close to p: it needs far fewer steps than from the target's lowest layer.
+[M]_i with i > 1 drafts without knowing d_1..d_{i-1}, so the best it can match is that token's
+distribution averaged over them (lesson 04 measures how low that ceiling is). Decoding picks the
+set by the temperature.
 SpecDec's relaxed top-beta verification (`decode.py --beta 5 --margin 3`) is LOSSY: it changes
 the output.
 """
