@@ -95,7 +95,8 @@ def main():
                     help="a Hugging Face GPT-2 folder to use as the target, with its tokenizer: no target "
                          "training; the drafters are trained against it (the preset's model size is ignored)")
     ap.add_argument("--layerskip", action="store_true",
-                    help="train the target with LayerSkip's layer dropout and early-exit loss (better earlyexit drafts)")
+                    help="train the target with LayerSkip's layer dropout and early-exit loss "
+                         "(better earlyexit drafts)")
     ap.add_argument("--layerskip-search", action="store_true",
                     help="also search the layerskip skip set and the earlyexit layer (about a minute)")
     ap.add_argument("--consistency", action="store_true",
@@ -200,7 +201,8 @@ def train_blockwise(args, preset, target, train_ids, val_ids, out):
     """Blockwise heads on the frozen target: the greedy set (with --heads-teacher compare, the
     teacher whose heads promise the longer accepted block on held-out text is kept) and the
     sampling set ("sampled" teacher). Prints each set's greedy agreement and sampled overlap."""
-    teachers = HEAD_TEACHERS if args.heads_teacher == "compare" else tuple(dict.fromkeys((args.heads_teacher, "sampled")))
+    teachers = (HEAD_TEACHERS if args.heads_teacher == "compare" else
+                tuple(dict.fromkeys((args.heads_teacher, "sampled"))))  # the sampling set is always trained
     positions = preset.batch_size * preset.model.block_size // 16  # per step; the target never runs in a step
     heads = {t: train_heads(target, train_ids, preset.n_heads, preset.heads_steps, positions, 1.5 * preset.lr, t,
                             preset.heads_seqs, seed=args.seed) for t in teachers}
@@ -213,7 +215,8 @@ def train_blockwise(args, preset, target, train_ids, val_ids, out):
               f"(expected accepted drafts {expected_accepted(acc[t][:, 0].tolist()):.2f}); 1 - TV(p, q) at "
               f"T={SAMPLE_T} per head {[round(x, 2) for x in overlap[t].tolist()]}")
     save_heads(out / "blockwise.pt", heads[greedy_set], acc[greedy_set], heads["sampled"],
-               meta={"teacher": greedy_set, "sampling_teacher": "sampled", "acc": {t: a.tolist() for t, a in acc.items()},
+               meta={"teacher": greedy_set, "sampling_teacher": "sampled",
+                     "acc": {t: a.tolist() for t, a in acc.items()},
                      "overlap": {t: o.tolist() for t, o in overlap.items()}})
     print(f"saved {out / 'blockwise.pt'} (greedy set: teacher {greedy_set!r}; sampling set: 'sampled')")
 

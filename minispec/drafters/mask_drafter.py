@@ -377,7 +377,8 @@ def train_mask_drafter(target, train_ids, steps, batch_size, lr, teacher="greedy
         if teacher == "glancing":
             ratio = glance * (1 - 0.4 * step / steps)  # decays p -> 0.6 p (SpecDec: 0.5 -> 0.3)
             with torch.no_grad():
-                wrong = ((drafter(x, f, pos, offsets, mask).argmax(-1) != labels) & (labels >= 0)).view(len(x), -1, k_max)
+                guess = drafter(x, f, pos, offsets, mask).argmax(-1)  # (B, m)
+                wrong = ((guess != labels) & (labels >= 0)).view(len(x), -1, k_max)  # (B, G, k_max)
             shown = (wrong.sum(-1, keepdim=True) * ratio).round()  # (B, G, 1) [M]s to reveal per group
             rank = torch.rand(wrong.shape, generator=generator).to(device).argsort(-1).argsort(-1)
             reveal = torch.where((rank < shown).flatten(1), labels, -1)  # (B, m)
