@@ -199,7 +199,7 @@ def test_online_drafts_equal_replayed_drafts_trained(k, tiny, tiny_ckpt):
     for prompt in prompts(tiny_ckpt, n=3, seed=1):
         steps, res = online_vs_replayed(model, drafter, prompt, 48)
         text = torch.tensor([prompt + res.tokens])
-        y = mask_drafter.target_outputs(model, text)[1]
+        y = mask_drafter.target_outputs(model, text)[1].argmax(-1)
         for seq, tokens, online in steps:
             if len(tokens) == 0:
                 continue

@@ -130,18 +130,14 @@ class SpecDrafter(nn.Module):
         return self.gpt.head(x if every_row else x[:, n:])[0]  # usually the LM head on the [M] rows only
 
 
-def features_of(hidden):
-    """The target's final hidden states (B, T, C) -> the features of the tokens (B, T, C): at j,
-    the hidden state at token j-1 (the one that predicted x_j), zeros at j = 0 where there is none."""
-    return F.pad(hidden[:, :-1], (0, 0, 1, 0))
-
-
 @torch.no_grad()
 def target_outputs(target, x):
-    """x (B, T) -> features (B, T, C) and greedy (B, T): the target's argmax next token after each token."""
+    """The target's causal forward over x (B, T) -> the features of the tokens (B, T, C): at j, its
+    final hidden state at token j-1 (the one that predicted x_j), zeros at j = 0 where there is
+    none; and its logits (B, T, V)."""
     T = x.size(1)
     logits, hidden = target(x, torch.arange(T, device=x.device), masks.causal(T, x.device))  # (B, T, V), (B, T, C)
-    return features_of(hidden), logits.argmax(-1)
+    return F.pad(hidden[:, :-1], (0, 0, 1, 0)), logits
 
 
 class MaskDrafter(Drafter):
@@ -268,13 +264,11 @@ SOFT_TOP = 32  # the target's distributions are kept as their top 32 tokens, ren
 def target_soft(target, x, batch=32):
     """What the target says on texts x (n, T), in batches: features (n, T, C) and its next-token
     distributions as the top SOFT_TOP probabilities (renormalised) and their token ids, (n, T, SOFT_TOP)."""
-    T = x.size(1)
-    pos, mask = torch.arange(T, device=x.device), masks.causal(T, x.device)
     out = []
     for xb in x.split(batch):
-        logits, hidden = target(xb, pos, mask)
+        f, logits = target_outputs(target, xb)
         p, top = torch.softmax(logits, -1).topk(SOFT_TOP, -1)
-        out.append((features_of(hidden), p / p.sum(-1, keepdim=True), top))
+        out.append((f, p / p.sum(-1, keepdim=True), top))
     return tuple(torch.cat(z) for z in zip(*out))
 
 
@@ -339,11 +333,10 @@ def train_mask_drafter(target, train_ids, steps, batch_size, lr, teacher="greedy
         whole distribution, computed for each batch: sampled text is where the target is unsure,
         and its top SOFT_TOP tokens leave much of the mass out there."""
         x = seqs[torch.randint(len(seqs), (batch_size,), generator=generator).to(device)]  # (B, T)
-        with torch.no_grad():
-            logits, hidden = target(x, torch.arange(T, device=device), masks.causal(T, device))  # (B, T, V), (B, T, C)
+        f, logits = target_outputs(target, x)  # (B, T, C), (B, T, V)
         start = int(torch.randint(T - W + 1, (1,), generator=generator))
         p = torch.softmax(logits[:, start:start + W], -1)  # (B, W, V)
-        f = features_of(hidden)[:, start:start + W]  # (B, W, C)
+        f = f[:, start:start + W]  # (B, W, C)
         x = x[:, start:start + W]
         pos, offsets, mask, _ = mask_token_batch(x, random_cuts(W, k_max, n_cuts, generator), k_max, start)
         before = pos[W:] - start - 1  # (m,) the row whose distribution each [M] learns
@@ -427,8 +420,8 @@ def mask_overlap(drafter, target, ids, temperature=SAMPLE_T, n_seqs=16, k=4, see
     T, first = seqs.size(1), min(32, seqs.size(1) // 4)
     total = torch.zeros(k)
     for x in seqs.to(next(drafter.parameters()).device).split(1):
-        logits, hidden = target(x, torch.arange(T, device=x.device), masks.causal(T, x.device))  # (1, T, V), (1, T, C)
-        f, p = features_of(hidden), torch.softmax(logits[0] / temperature, -1)
+        f, logits = target_outputs(target, x)  # (1, T, C), (1, T, V)
+        p = torch.softmax(logits[0] / temperature, -1)
         for cuts in torch.arange(first, T - k + 1).split(64):
             pos, offsets, mask, _ = mask_token_batch(x, cuts, k)
             q = torch.softmax(drafter(x, f, pos, offsets, mask)[0] / temperature, -1)  # (m, V)
