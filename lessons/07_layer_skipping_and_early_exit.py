@@ -8,7 +8,10 @@ exits early: the first E layers plus the shared final norm and LM head draft, an
 runs only layers E..L-1, reusing the early layers' work, which is exact because those layers are
 the same. What makes either pay is how often the cheap model agrees with the full one, against
 how much of a forward it saves; below both are measured for every exit layer and every single
-skipped sub-layer.
+skipped sub-layer. The default checkpoint's target is trained with LayerSkip's recipe (layer
+dropout and an early-exit loss) so that its early layers agree with it often; for a plainly
+trained target's, far rarer agreement, run this lesson with --ckpt out/tiny-plain after
+`python train_tiny.py --no-layerskip --out out/tiny-plain`.
 
 Papers: Zhang et al., "Draft & Verify: Lossless Large Language Model Acceleration via
 Self-Speculative Decoding" (ACL 2024); Elhoushi et al., "LayerSkip: Enabling Early Exit
@@ -86,8 +89,9 @@ def main():
           f"{agreement(model, x, skip=drafter.skip)[0]:.2f}, tau {total.tau:.2f}, "
           f"estimate {total.tau / (1 + K * c):.2f}x")
     print("Skipping a sub-layer that barely changes the argmax is nearly free in acceptance; a good skip set")
-    print("(exercise 5) saves the most compute for the least agreement. train_tiny.py --layerskip-search finds")
-    print("one by timing the pieces of a forward; lesson 09 and decode.py measure real tokens/s.")
+    print("(exercise 5) saves the most compute for the least agreement. train_tiny.py searches one (by default")
+    print("after LayerSkip's training) by timing the pieces of a forward; lesson 09 and decode.py measure real")
+    print("tokens/s.")
 
 
 if __name__ == "__main__":

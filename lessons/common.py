@@ -54,7 +54,7 @@ def find_checkpoint():
             return folder
     print(f"no checkpoint in {display(DEFAULT)}: training a micro model now "
           f"(python train_tiny.py --preset test --out {display(MICRO)}, about 15 s; "
-          f"`python train_tiny.py` makes the real one in about 15 min)", flush=True)
+          f"`python train_tiny.py` makes the real one in about 13 min)", flush=True)
     subprocess.run([sys.executable, str(ROOT / "train_tiny.py"), "--preset", "test", "--out", str(MICRO)],
                    check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     return MICRO

@@ -13,7 +13,7 @@ from minispec.errors import MinispecError
 from minispec.kvcache import KVCache
 from minispec.speculative import Sampling, Stats, generate
 from minispec.drafters.layerskip import (SEARCH_FILE, EarlyExit, LayerSkip, dropout_rates, layerskip_loss,
-                                         predicted_seconds)
+                                         predicted_seconds, saved_search)
 from minispec.train import lm_loss
 from tests.helpers import random_gpt
 
@@ -107,6 +107,14 @@ def test_predicted_seconds_adds_up_the_forwards():
     assert predicted_seconds(cost, [([7], 0, 0)] * 5, 2, []) == 5 * (1 + 2 * 110 + 1000)  # autoregressive
     # two drafts through one MLP, then 3 tokens through layer 1 and d_2 through layer 0
     assert predicted_seconds(cost, [([7, 8], 1, 2)], 2, ["mlp"], exit_layer=1) == 2 * 101 + 333 + 111 + 1000
+
+
+def test_train_tiny_trains_the_target_with_layerskip_and_searches_by_default(tiny_ckpt, tiny):
+    model, _ = tiny
+    assert checkpoint.target_meta(tiny_ckpt)["train"]["recipe"] == "layerskip"
+    found = saved_search(model, tiny_ckpt)  # the conftest training passes no --layerskip flag
+    assert found["n_layer"] == model.config.n_layer and 1 <= found["exit_layer"] < model.config.n_layer
+    assert minispec.make_drafter("earlyexit", model, ckpt=tiny_ckpt).exit_layer == found["exit_layer"]
 
 
 def test_the_saved_search_is_used(tiny, tmp_path):

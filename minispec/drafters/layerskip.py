@@ -24,7 +24,8 @@ runs only layers E..L-1 over the block, starting from the layer-E states kept wh
 only the last draft d_k, never fed while drafting, goes through layers 0..E-1 in `verify`. Early
 layers run once per token. A plainly trained target exits poorly at shallow layers; LayerSkip
 trains it with layer dropout (deeper layers dropped more often) and an early-exit loss (the
-shared head's cross-entropy on every layer's output): `train_layerskip`.
+shared head's cross-entropy on every layer's output): `train_layerskip`, which train_tiny.py uses
+for the target by default.
 
 Which sub-layers to skip and where to exit are searched (`search`), saved next to the target as
 layerskip.pt and used by the factories; without it they fall back to fixed defaults.
