@@ -12,9 +12,9 @@ BPE on it, encode it (cached as .npy in the output folder), train the target, th
 The target is trained with LayerSkip's recipe (layer dropout and an early-exit loss through the
 shared head; minispec/drafters/layerskip.py) unless --no-layerskip: its validation loss is about
 the plain loss's, but its early layers already decide most tokens, which is what the self-drafting
-methods draft with and what every small drafter finds easier to imitate. Then which layers those
-methods skip is searched and saved (layerskip.pt). Every file is written through a temporary
-file and a rename.
+methods draft with, and what the small drafters imitate more easily in greedy decoding. After a
+LayerSkip training (or with --layerskip-search) which layers those methods skip is searched and
+saved (layerskip.pt). Every file is written through a temporary file and a rename.
 """
 
 import argparse
@@ -32,7 +32,7 @@ from minispec.drafters.blockwise import (TEACHERS as HEAD_TEACHERS, head_accurac
                                          train_heads)
 from minispec.drafters.consistency import save_plain_target, tune_consistency
 from minispec.drafters.draft_model import TEACHERS, train_draft_model
-from minispec.drafters.layerskip import save_search, train_layerskip
+from minispec.drafters.layerskip import SEARCH_FILE, save_search, train_layerskip
 from minispec.drafters.mask_drafter import (TEACHERS as MASK_TEACHERS, mask_agreement, mask_overlap, save_drafter,
                                             train_mask_drafter)
 from minispec.errors import MinispecError
@@ -131,6 +131,8 @@ def main():
     if args.tune_from and (not args.consistency or args.init_from or args.layerskip):  # None: not asked for
         raise MinispecError("--tune-from takes a trained minispec target to tune: it needs --consistency, "
                             "and no --init-from or --layerskip")
+    if args.init_from and args.layerskip:
+        raise MinispecError("--layerskip trains a target; --init-from takes a pretrained one as it is")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise MinispecError(f"--out {out} is a file, not a folder")
@@ -169,8 +171,11 @@ def main():
     if not (args.init_from or args.tune_from):
         target = GPT(preset.model).to(device)
     print(f"target: {target.num_params() / 1e6:.2f}M parameters, {target.config}")
-    if args.init_from or args.tune_from:
-        result = {"init_from": str(args.init_from)} if args.init_from else {"tune_from": str(args.tune_from)}
+    if args.init_from:
+        result = {"init_from": str(args.init_from)}
+    elif args.tune_from:  # the tuned target keeps the recipe it was trained with
+        recipe = checkpoint.target_meta(args.tune_from)["train"].get("recipe")
+        result = {"tune_from": str(args.tune_from), **({"recipe": recipe} if recipe else {})}
     else:
         result = (train_lm if args.layerskip is False else train_layerskip)(
             target, train_ids, val_ids, preset.steps, preset.batch_size, preset.lr, args.seed)
@@ -182,9 +187,10 @@ def main():
     meta = {"preset": args.preset, "data": args.data, "train": result, "prompts": heldout_prompts(val_docs)}
     checkpoint.save_target(out, target, enc, meta)
     print(f"saved {out / 'target.pt'}")
-    trained_layerskip = result.get("recipe") == "layerskip"
-    if args.layerskip_search or (args.layerskip_search is None and trained_layerskip):
+    if args.layerskip_search or (args.layerskip_search is None and result.get("recipe") == "layerskip"):
         save_search(target, train_ids, out)
+    else:  # one left by an earlier training into this folder was searched on another target
+        (out / SEARCH_FILE).unlink(missing_ok=True)
 
     draft = train_draft(args, preset, target, train_ids, val_ids, out)
     train_blockwise(args, preset, target, train_ids, val_ids, out)

@@ -61,7 +61,7 @@ def main():
     print("The block starts from tokens drawn from the prompt, as CLLM's trajectories do. '#' = right and every "
           "token before it right,\n'+' = right although a token before it is still wrong, '.' = wrong:")
     targets = ({"this target (not consistency-tuned)": model} if plain is None else
-               {"plain target": plain, "consistency-tuned target": model})
+               {"target before tuning": plain, "consistency-tuned target": model})
     for name, m in targets.items():
         show_trajectory(name, m, tok, prompt)
     tuning = checkpoint.target_meta(ckpt)["train"].get("consistency")  # what train_tiny.py measured

@@ -1,7 +1,7 @@
 """What every lesson shares: the --ckpt flag, finding (or making) a checkpoint, and printing.
 
 A lesson reads the checkpoint that `python train_tiny.py` writes to out/tiny. If there is none,
-it trains a micro model with `train_tiny.py --preset test` (about 15 seconds) into out/micro,
+it trains a micro model with `train_tiny.py --preset test` (about 20 seconds) into out/micro,
 says so, and goes on with that: every lesson runs from a fresh clone.
 """
 
@@ -53,7 +53,7 @@ def find_checkpoint():
         if (folder / "target.pt").is_file():
             return folder
     print(f"no checkpoint in {display(DEFAULT)}: training a micro model now "
-          f"(python train_tiny.py --preset test --out {display(MICRO)}, about 15 s; "
+          f"(python train_tiny.py --preset test --out {display(MICRO)}, about 20 s; "
           f"`python train_tiny.py` makes the real one in about 13 min)", flush=True)
     subprocess.run([sys.executable, str(ROOT / "train_tiny.py"), "--preset", "test", "--out", str(MICRO)],
                    check=True, cwd=ROOT, stdout=subprocess.DEVNULL)

@@ -86,6 +86,8 @@ def test_cuda_without_gpu(tiny_ckpt):
     (["--init-from", "no/such/gpt2"], ["no/such/gpt2"]),
     (["--tune-from", "out/tiny"], ["--tune-from", "--consistency"]),
     (["--consistency", "--tune-from", "no/such/ckpt"], ["no checkpoint", "no/such/ckpt"]),
+    (["--consistency", "--tune-from", "out/tiny", "--layerskip"], ["--tune-from", "--layerskip"]),
+    (["--init-from", "no/such/gpt2", "--layerskip"], ["--layerskip", "--init-from"]),
     (["--threads", "0"], ["--threads"]),
 ])
 def test_bad_training_flag(args, words, tmp_path):

@@ -124,5 +124,5 @@ def test_lesson_06_shows_the_trajectory_before_and_after(tuned, tiny, tiny_ckpt,
     checkpoint.save_target(tmp_path, tuned, tok, checkpoint.target_meta(tiny_ckpt))
     proc = run_script("lessons/06_jacobi_and_lookahead.py", "--ckpt", tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for name in ("plain target", "consistency-tuned target"):
+    for name in ("target before tuning", "consistency-tuned target"):
         assert re.search(rf"^  {name}: \d+ iterations to the fixed point of 16 tokens", proc.stdout, re.M)

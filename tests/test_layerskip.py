@@ -4,6 +4,8 @@ The registry tests (test_methods.py) already check that both methods decode exac
 and sample the target's distribution; these check the two claims the methods rest on.
 """
 
+import shutil
+
 import pytest
 import torch
 
@@ -15,7 +17,7 @@ from minispec.speculative import Sampling, Stats, generate
 from minispec.drafters.layerskip import (SEARCH_FILE, EarlyExit, LayerSkip, dropout_rates, layerskip_loss,
                                          predicted_seconds, saved_search)
 from minispec.train import lm_loss
-from tests.helpers import random_gpt
+from tests.helpers import random_gpt, run_script
 
 
 class Spy(LayerSkip):
@@ -113,8 +115,19 @@ def test_train_tiny_trains_the_target_with_layerskip_and_searches_by_default(tin
     model, _ = tiny
     assert checkpoint.target_meta(tiny_ckpt)["train"]["recipe"] == "layerskip"
     found = saved_search(model, tiny_ckpt)  # the conftest training passes no --layerskip flag
+    assert found is not None, "no layerskip.pt: the default training did not search"
     assert found["n_layer"] == model.config.n_layer and 1 <= found["exit_layer"] < model.config.n_layer
-    assert minispec.make_drafter("earlyexit", model, ckpt=tiny_ckpt).exit_layer == found["exit_layer"]
+    drafter = minispec.make_drafter("layerskip", model, ckpt=tiny_ckpt)
+    assert drafter.skip == {(layer, part) for layer, part in found["skip"]}  # the saved set, not the default
+
+
+def test_no_layerskip_trains_the_plain_target_and_drops_an_old_search(tiny_ckpt, tmp_path):
+    out = tmp_path / "plain"
+    shutil.copytree(tiny_ckpt, out)  # holds the LayerSkip target's search, which must not outlive it
+    proc = run_script("train_tiny.py", "--preset", "test", "--no-layerskip", "--out", out, "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "recipe" not in checkpoint.target_meta(out)["train"]
+    assert not (out / SEARCH_FILE).exists()
 
 
 def test_the_saved_search_is_used(tiny, tmp_path):

@@ -54,7 +54,6 @@ from ..train import eval_lm, fit
 PARTS = ("attn", "mlp")  # the two sub-layers of a block
 GAMMAS = (0.5, None)  # the search tries adaptive draft exit from gamma 0.5, and always k drafts
 SEARCH_FILE = "layerskip.pt"
-SEARCH_HINT = "python train_tiny.py --layerskip-search --out {folder}"
 
 
 class LayerSkip(Drafter):
@@ -161,7 +160,8 @@ def saved_search(model, ckpt):
     found = checkpoint.load(path, "layerskip", n_layer=int, skip=list, gamma=(float, type(None)), exit_layer=int,
                             exit_gamma=(float, type(None)))
     if found["n_layer"] != model.config.n_layer:
-        raise MinispecError(f"{path} was searched for another model: rerun `{SEARCH_HINT.format(folder=ckpt)}`")
+        raise MinispecError(f"{path} was searched for another model: delete it (the defaults are used then), "
+                            f"or retrain the folder with `python train_tiny.py --out {ckpt}`")
     return found
 
 
