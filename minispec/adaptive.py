@@ -15,7 +15,10 @@ a_i is how often the i-th draft was accepted when the drafts before it were (the
 a fixed cost that the first draft pays in full (the heads' or the drafter's forward, whatever k
 is), and Lookahead's window only fits in the block at its full depth. A k not measured yet
 costs what the nearest measured one did. Each estimate is a weighted average that forgets its
-old observations (DECAY per new one), so the choice follows the text. The acceptance a_i is
+old observations, so the choice follows the text and the machine: an acceptance by DECAY per
+new observation of it, a cost by DECAY per step timed since it was last measured (a machine's
+speed drifts in time, and a depth seldom drafted must not keep a timing from long ago at full
+weight). The acceptance a_i is
 also kept apart for steps after a fully accepted draft and for the others, because a drafter
 that was just right all the way (a greedy loop, a copied line) is likely to be right again;
 where one of the two has seen little, it leans on both together (a prior worth PRIOR tries).
@@ -35,11 +38,16 @@ for this step, and for ANY k the step is an exact speculative step. So greedy ou
 token-identical and sampling keeps the target's distribution, whatever k is chosen when.
 
 Measuring costs a little: the first k_max + 1 timed steps draft at depths 0, 1, ..., k_max once
-each (so that every depth has a cost), and every EXPLORE-th step drafts one token deeper than the
-choice, or one shallower (in turn), so that depths not chosen lately are still measured. A
-drafter that is never right ends up taking autoregressive steps, and pays only for those
-exploring steps. k = 0 calls the drafter's propose with room 0, which every drafter answers at
-once with an empty draft.
+each (so that every depth has a cost), and every EXPLORE-th step drafts one token deeper than
+the choice, or one shallower (in turn), so that depths not chosen lately are still measured;
+every fourth shallower one drafts nothing at all. A cost is only measured again when its depth
+is drafted, so without that a too-high timing of the autoregressive step (a noisy first
+measurement, the machine busy for a moment) would keep a drafter that never pays from ever
+going back to it. While the choice is 0 (no depth pays) only every IDLE_EXPLORE-th step
+drafts: such a draft costs a whole step's extra work and is seldom right. A drafter that is
+never right ends up taking autoregressive steps, and pays only for those exploring steps. k = 0
+calls the drafter's propose with room 0, which every drafter answers at once with an empty
+draft.
 """
 
 import time
@@ -47,7 +55,8 @@ import time
 from .speculative import Drafter
 
 DECAY = 0.98  # per new observation of an estimate: one 50 observations old counts about a third
-EXPLORE = 16  # every EXPLORE-th step drafts one token deeper than the choice
+EXPLORE = 16  # every EXPLORE-th step drafts one token deeper than the choice ...
+IDLE_EXPLORE = 64  # ... every IDLE_EXPLORE-th step while the choice is not to draft
 PRIOR = 2.0  # how many tries the prior on a depth's acceptance is worth
 
 
@@ -64,6 +73,7 @@ class Adaptive(Drafter):
         self.accepted = [[0.0] * self.k for _ in range(2)]
         self.weight = [0.0] * (self.k + 1)  # per depth: decayed count of the steps timed ...
         self.spent = [0.0] * (self.k + 1)  # ... and of the seconds they took
+        self.timed_at = [0] * (self.k + 1)  # ... as of which timed step
         self.timed, self.steps, self.hot = 0, 0, 0  # steps timed, steps seen, the state after the last one
         self.chosen = [0] * (self.k + 1)  # how often each depth was chosen, for reports
         # per state and depth, for drafts of several paths: decayed count of the steps and of their tokens
@@ -102,6 +112,8 @@ class Adaptive(Drafter):
     def seconds(self):
         """[the expected wall time of a step drafting k deep for k = 0..k_max]: the mean of the
         steps timed at k, or at the nearest k timed (1 second while nothing is)."""
+        if all(self.weight):  # every depth timed, as after the first sweep: the quick way (every step asks)
+            return [spent / weight for spent, weight in zip(self.spent, self.weight)]
         timed = [k for k in range(self.k + 1) if self.weight[k]]
         nearest = [min(timed, key=lambda j: abs(j - k), default=None) for k in range(self.k + 1)]
         return [self.spent[j] / self.weight[j] if j is not None else 1.0 for j in nearest]
@@ -111,10 +123,13 @@ class Adaptive(Drafter):
             return self.timed
         speed = [tokens / seconds for tokens, seconds in zip(self.expected_tokens(), self.seconds())]
         best = speed.index(max(speed))
-        if self.steps % EXPLORE:
+        every = IDLE_EXPLORE if best == 0 else EXPLORE
+        if self.steps % every:
             return best
-        deeper = best == 0 or (best < self.k and self.steps // EXPLORE % 2)
-        return best + 1 if deeper else best - 1
+        turn = self.steps // every  # exploring steps so far: deeper and shallower in turn
+        if best == 0 or (best < self.k and turn % 2):
+            return best + 1
+        return 0 if turn // 2 % 4 == 3 else best - 1  # now and then not drafting at all (see above)
 
     def propose(self, seq, room, sampling):
         self.began = self.clock()
@@ -133,9 +148,11 @@ class Adaptive(Drafter):
         self.drafter.observe(step)
         seconds, k = self.clock() - self.began, self.depth
         if not self.first:
-            self.weight[k] = DECAY * self.weight[k] + 1.0
-            self.spent[k] = DECAY * self.spent[k] + seconds
             self.timed += 1
+            forget = DECAY ** (self.timed - self.timed_at[k])  # a cost forgets by time: the machine drifts
+            self.weight[k] = forget * self.weight[k] + 1.0
+            self.spent[k] = forget * self.spent[k] + seconds
+            self.timed_at[k] = self.timed
         accepted = min(len(step.path) - 1, self.drafted)
         if not self.cut:
             self.stepped[self.hot][k] = DECAY * self.stepped[self.hot][k] + 1

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from minispec import masks
-from minispec.adaptive import EXPLORE, Adaptive
+from minispec.adaptive import EXPLORE, IDLE_EXPLORE, Adaptive
 from minispec.speculative import Draft, Drafter, generate
 from tests.helpers import random_gpt
 
@@ -57,10 +57,37 @@ def test_a_drafter_that_is_never_right_ends_up_taking_autoregressive_steps(model
     k = drafter.k
     assert res.stats.accepted == 0
     steps = sum(drafter.chosen)
-    explored = steps // EXPLORE + 1
+    explored = steps // IDLE_EXPLORE + 1  # not drafting is the choice: it explores seldom
     assert drafter.chosen[2:] == [1] * (k - 1), "deeper than 1: only in the first sweep over depths"
     assert drafter.chosen[1] <= explored + 1, "depth 1: only the sweep and the exploring steps"
     assert drafter.chosen[0] >= steps - explored - k
+
+
+class BusyAtFirst(Scripted):
+    """Never right; drafting k deep costs 1 + 0.05 k, but the machine was busy for the sweep's
+    first two timed steps (depths 0 and 1: half a second more each)."""
+
+    def propose(self, seq, room, sampling):
+        self.calls = getattr(self, "calls", 0) + 1
+        k = min(self.k, room)
+        self.clock.now += (0.5 if 2 <= self.calls <= 3 else 0.0) + 0.05 * k - 0.3 * k  # Scripted adds 1 + 0.3 k
+        return super().propose(seq, room, sampling)
+
+
+def test_a_cost_measured_while_the_machine_was_busy_is_measured_again(model):
+    """After the sweep, not drafting looks dearer than drafting 2 deep, and exploring one deeper or
+    shallower never reaches it: now and then an exploring step drafts nothing, and a cost forgets
+    old timings by time, so the drafter goes back to autoregressive steps (the previous version
+    drafted 1-2 deep on 236 of these 250 steps)."""
+    prompt = [1, 2, 3]
+    greedy = generate(model, prompt, 250).tokens
+    wrong = next(t for t in range(model.config.vocab_size) if t not in greedy)
+    clock = FakeClock()
+    drafter = Adaptive(BusyAtFirst(clock, greedy, len(prompt), wrong), clock=clock)
+    res = generate(model, prompt, 250, drafter)
+    assert res.tokens == greedy and res.stats.accepted == 0
+    assert drafter.seconds()[0] == pytest.approx(1.0, abs=0.01)  # measured again; the busy timing forgotten
+    assert drafter.chosen[0] >= 0.5 * sum(drafter.chosen), drafter.chosen
 
 
 def test_a_drafter_that_is_always_right_drafts_as_deep_as_it_may(model):
