@@ -18,12 +18,11 @@ costs what the nearest measured one did. Each estimate is a weighted average tha
 old observations, so the choice follows the text and the machine: an acceptance by DECAY per
 new observation of it, a cost by DECAY per step timed since it was last measured (a machine's
 speed drifts in time, and a depth seldom drafted must not keep a timing from long ago at full
-weight). The acceptance a_i is
-also kept apart for steps after a fully accepted draft and for the others, because a drafter
-that was just right all the way (a greedy loop, a copied line) is likely to be right again;
-where one of the two has seen little, it leans on both together (a prior worth PRIOR tries).
-The first step of every prompt is left out of the costs: it pays for warming up (a drafter's
-first forward over the prompt).
+weight). The acceptance a_i is also kept apart for steps after a fully accepted draft and for
+the others, because a drafter that was just right all the way (a greedy loop, a copied line) is
+likely to be right again; where one of the two has seen little, it leans on both together (a
+prior worth PRIOR tries). The first step of every prompt is left out of the costs: it pays for
+warming up (a drafter's first forward over the prompt).
 
 That product assumes the i-th draft is accepted as often whatever k is, which holds for a chain
 drafted token by token (a deeper chain only adds drafts after the same ones), nearly so for the
@@ -40,7 +39,7 @@ token-identical and sampling keeps the target's distribution, whatever k is chos
 Measuring costs a little: the first k_max + 1 timed steps draft at depths 0, 1, ..., k_max once
 each (so that every depth has a cost), and every EXPLORE-th step drafts one token deeper than
 the choice, or one shallower (in turn), so that depths not chosen lately are still measured;
-every fourth shallower one drafts nothing at all. A cost is only measured again when its depth
+every TO_ZERO-th shallower one drafts nothing at all. A cost is only measured again when its depth
 is drafted, so without that a too-high timing of the autoregressive step (a noisy first
 measurement, the machine busy for a moment) would keep a drafter that never pays from ever
 going back to it. While the choice is 0 (no depth pays) only every IDLE_EXPLORE-th step
@@ -54,9 +53,10 @@ import time
 
 from .speculative import Drafter
 
-DECAY = 0.98  # per new observation of an estimate: one 50 observations old counts about a third
-EXPLORE = 16  # every EXPLORE-th step drafts one token deeper than the choice ...
+DECAY = 0.98  # an acceptance's per new observation of it, a cost's per step timed: 50 of them make a third
+EXPLORE = 16  # every EXPLORE-th step drafts one token deeper or shallower than the choice ...
 IDLE_EXPLORE = 64  # ... every IDLE_EXPLORE-th step while the choice is not to draft
+TO_ZERO = 4  # every TO_ZERO-th shallower exploring step drafts nothing at all
 PRIOR = 2.0  # how many tries the prior on a depth's acceptance is worth
 
 
@@ -76,6 +76,7 @@ class Adaptive(Drafter):
         self.timed_at = [0] * (self.k + 1)  # ... as of which timed step
         self.timed, self.steps, self.hot = 0, 0, 0  # steps timed, steps seen, the state after the last one
         self.chosen = [0] * (self.k + 1)  # how often each depth was chosen, for reports
+        self.shallower = 0  # exploring steps that drafted shallower than the choice
         # per state and depth, for drafts of several paths: decayed count of the steps and of their tokens
         self.stepped = [[0.0] * (self.k + 1) for _ in range(2)]
         self.made = [[0.0] * (self.k + 1) for _ in range(2)]
@@ -126,10 +127,10 @@ class Adaptive(Drafter):
         every = IDLE_EXPLORE if best == 0 else EXPLORE
         if self.steps % every:
             return best
-        turn = self.steps // every  # exploring steps so far: deeper and shallower in turn
-        if best == 0 or (best < self.k and turn % 2):
+        if best == 0 or (best < self.k and self.steps // every % 2):  # deeper and shallower in turn
             return best + 1
-        return 0 if turn // 2 % 4 == 3 else best - 1  # now and then not drafting at all (see above)
+        self.shallower += 1
+        return 0 if self.shallower % TO_ZERO == 0 else best - 1  # now and then not drafting at all (see above)
 
     def propose(self, seq, room, sampling):
         self.began = self.clock()

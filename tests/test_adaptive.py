@@ -77,8 +77,7 @@ class BusyAtFirst(Scripted):
 def test_a_cost_measured_while_the_machine_was_busy_is_measured_again(model):
     """After the sweep, not drafting looks dearer than drafting 2 deep, and exploring one deeper or
     shallower never reaches it: now and then an exploring step drafts nothing, and a cost forgets
-    old timings by time, so the drafter goes back to autoregressive steps (the previous version
-    drafted 1-2 deep on 236 of these 250 steps)."""
+    old timings by time, so the drafter goes back to autoregressive steps."""
     prompt = [1, 2, 3]
     greedy = generate(model, prompt, 250).tokens
     wrong = next(t for t in range(model.config.vocab_size) if t not in greedy)
@@ -87,7 +86,8 @@ def test_a_cost_measured_while_the_machine_was_busy_is_measured_again(model):
     res = generate(model, prompt, 250, drafter)
     assert res.tokens == greedy and res.stats.accepted == 0
     assert drafter.seconds()[0] == pytest.approx(1.0, abs=0.01)  # measured again; the busy timing forgotten
-    assert drafter.chosen[0] >= 0.5 * sum(drafter.chosen), drafter.chosen
+    late = [depth for _, _, depth in res.steps[-100:]]  # the last 100 steps' draft depths
+    assert late.count(0) >= 95, drafter.chosen
 
 
 def test_a_drafter_that_is_always_right_drafts_as_deep_as_it_may(model):
