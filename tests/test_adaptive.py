@@ -41,13 +41,15 @@ def model():
     return random_gpt(vocab_size=50, scale=3.0, seed=4, block_size=256)
 
 
-def adaptive_run(model, right):
+def adaptive_run(model, right, kind=Scripted, n_new=200):
+    """Greedy decoding with Adaptive around a `kind` drafter (a Scripted one) on the fake clock;
+    right=False hands it a token that greedy decoding never writes."""
     prompt = [1, 2, 3]
-    greedy = generate(model, prompt, 200).tokens
+    greedy = generate(model, prompt, n_new).tokens
     wrong = next(t for t in range(model.config.vocab_size) if t not in greedy)
     clock = FakeClock()
-    drafter = Adaptive(Scripted(clock, greedy, len(prompt), None if right else wrong), clock=clock)
-    res = generate(model, prompt, 200, drafter)
+    drafter = Adaptive(kind(clock, greedy, len(prompt), None if right else wrong), clock=clock)
+    res = generate(model, prompt, n_new, drafter)
     assert res.tokens == greedy  # whatever it chose, the output is greedy decoding's
     return drafter, res
 
@@ -78,13 +80,8 @@ def test_a_cost_measured_while_the_machine_was_busy_is_measured_again(model):
     """After the sweep, not drafting looks dearer than drafting 2 deep, and exploring one deeper or
     shallower never reaches it: now and then an exploring step drafts nothing, and a cost forgets
     old timings by time, so the drafter goes back to autoregressive steps."""
-    prompt = [1, 2, 3]
-    greedy = generate(model, prompt, 250).tokens
-    wrong = next(t for t in range(model.config.vocab_size) if t not in greedy)
-    clock = FakeClock()
-    drafter = Adaptive(BusyAtFirst(clock, greedy, len(prompt), wrong), clock=clock)
-    res = generate(model, prompt, 250, drafter)
-    assert res.tokens == greedy and res.stats.accepted == 0
+    drafter, res = adaptive_run(model, right=False, kind=BusyAtFirst, n_new=250)
+    assert res.stats.accepted == 0
     assert drafter.seconds()[0] == pytest.approx(1.0, abs=0.01)  # measured again; the busy timing forgotten
     late = [depth for _, _, depth in res.steps[-100:]]  # the last 100 steps' draft depths
     assert late.count(0) >= 95, drafter.chosen
@@ -136,13 +133,7 @@ class Branching(Scripted):
 
 
 def test_a_branching_draft_is_judged_by_the_tokens_each_depth_gave(model):
-    prompt = [1, 2, 3]
-    greedy = generate(model, prompt, 200).tokens
-    wrong = next(t for t in range(model.config.vocab_size) if t not in greedy)
-    clock = FakeClock()
-    drafter = Adaptive(Branching(clock, greedy, len(prompt), wrong), clock=clock)
-    res = generate(model, prompt, 200, drafter)
-    assert res.tokens == greedy
+    drafter, res = adaptive_run(model, right=False, kind=Branching)  # its chain is right up to `wide`
     steps = sum(drafter.chosen)
     # depth 2 gives 3 tokens for 1.6 s, depth 6 about 2.5 for 2.8 s; the product of the acceptance
     # per depth (1 at depth 1 from the shallow steps, 1 beyond it) would promise 7 at depth 6
