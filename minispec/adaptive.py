@@ -11,9 +11,11 @@ expected new tokens per second:
     k*            = argmax_k  E[tokens | k] / seconds(k)
 
 a_i is how often the i-th draft was accepted when the drafts before it were (the loop's
-`accept_at`). The cost is measured per k, not fitted: it is not a straight line. Drafting has
-a fixed cost that the first draft pays in full (the heads' or the drafter's forward, whatever k
-is), and Lookahead's window only fits in the block at its full depth. A k not measured yet
+`accept_at`), a draft asked for but not made counting as one not accepted: it gains nothing
+(Lookahead with no n-gram for x_t, or a drafter that stops early, drafts less than k). The cost
+is measured per k, not fitted: it is not a straight line. Drafting has a fixed cost that the
+first draft pays in full (the heads' or the drafter's forward, whatever k is), and Lookahead's
+window only fits in the block at its full depth. A k not measured yet
 costs what the nearest measured one did. Each estimate is a weighted average that forgets its
 old observations, so the choice follows the text and the machine: an acceptance by DECAY per
 new observation of it, a cost by DECAY per step timed since it was last measured (a machine's
@@ -140,6 +142,7 @@ class Adaptive(Drafter):
         self.drafted = max((len(path) - 1 for path in draft.paths), default=0)
         self.branching |= len(draft.paths) > 1
         self.cut = room < self.depth  # the end of the text, not the choice, limited this draft
+        self.asked = min(room, self.depth)
         return draft
 
     def verify(self, model, idx, pos, mask, cache, slots):
@@ -159,7 +162,7 @@ class Adaptive(Drafter):
             self.stepped[self.hot][k] = DECAY * self.stepped[self.hot][k] + 1
             self.made[self.hot][k] = DECAY * self.made[self.hot][k] + len(step.emitted)
         tried, hits = self.tried[self.hot], self.accepted[self.hot]
-        for i in range(min(accepted + 1, self.drafted)):  # depths reached: every accepted one and the first rejected
+        for i in range(min(accepted + 1, self.asked)):  # every accepted depth, and the first rejected or not made
             tried[i] = DECAY * tried[i] + 1
             hits[i] = DECAY * hits[i] + (i < accepted)
         self.hot = int(self.drafted > 0 and accepted == self.drafted)

@@ -5,6 +5,8 @@ distribution in test_sampling_exact.py; here, what it chooses. The drafters adva
 clock by what their step would cost (1 + 0.3 k), so the choices do not depend on this machine.
 """
 
+import random
+
 import pytest
 import torch
 
@@ -85,6 +87,25 @@ def test_a_cost_measured_while_the_machine_was_busy_is_measured_again(model):
     assert drafter.seconds()[0] == pytest.approx(1.0, abs=0.01)  # measured again; the busy timing forgotten
     late = [depth for _, _, depth in res.steps[-100:]]  # the last 100 steps' draft depths
     assert late.count(0) >= 95, drafter.chosen
+
+
+class HalfTheTime(Scripted):
+    """Always right when it drafts, but drafts on half of the steps only, at random (Lookahead
+    with no n-gram for x_t), at the same cost."""
+
+    def propose(self, seq, room, sampling):
+        self.coin = getattr(self, "coin", random.Random(0))
+        draft = super().propose(seq, room, sampling)
+        return draft if self.coin.random() < 0.5 else Draft.chain([])
+
+
+def test_a_draft_asked_for_but_not_made_counts_as_not_accepted(model):
+    """Drafting on half of the steps, k deep, gives 1 + k/2 tokens a step, not the 1 + k of the
+    steps that drafted: the acceptance at depth 1 is 1/2."""
+    drafter, res = adaptive_run(model, right=True, kind=HalfTheTime)
+    expected = drafter.expected_tokens()
+    assert expected[drafter.k] == pytest.approx(1 + drafter.k / 2, abs=0.3), expected
+    assert res.stats.accepted > 0  # it did draft
 
 
 def test_a_drafter_that_is_always_right_drafts_as_deep_as_it_may(model):
