@@ -10,21 +10,21 @@ expected new tokens per second:
     seconds(k)    = the mean wall time of earlier steps that drafted k deep (drafting + verifying + the loop)
     k*            = argmax_k  E[tokens | k] / seconds(k)
 
-a_i is how often the i-th draft was accepted when the drafts before it were (the loop's
-`accept_at`), a draft asked for but not made counting as one not accepted: it gains nothing
-(Lookahead with no n-gram for x_t, or a drafter that stops early, drafts less than k). The cost
-is measured per k, not fitted: it is not a straight line. Drafting has a fixed cost that the
-first draft pays in full (the heads' or the drafter's forward, whatever k is), and Lookahead's
-window only fits in the block at its full depth. A k not measured yet
-costs what the nearest measured one did. Each estimate is a weighted average that forgets its
-old observations, so the choice follows the text and the machine: an acceptance by DECAY per
-new observation of it, a cost by DECAY per step timed since it was last measured (a machine's
-speed drifts in time, and a depth seldom drafted must not keep a timing from long ago at full
-weight). The acceptance a_i is also kept apart for steps after a fully accepted draft and for
-the others, because a drafter that was just right all the way (a greedy loop, a copied line) is
-likely to be right again; where one of the two has seen little, it leans on both together (a
-prior worth PRIOR tries). The first step of every prompt is left out of the costs: it pays for
-warming up (a drafter's first forward over the prompt).
+a_i is how often the i-th draft was accepted when the drafts before it were, as the loop's
+`accept_at` counts it, except that a draft asked for but not made counts as one not accepted: it
+gains nothing (Lookahead with no n-gram for x_t, a blockwise tree shallower than k, or a drafter
+that stops early draft fewer than k). The cost is measured per k, not fitted: it is not a
+straight line. Drafting has a fixed cost that the first draft pays in full (the heads' or the
+drafter's forward, whatever k is), and Lookahead's window only fits in the block at its full
+depth. A k not measured yet costs what the nearest measured one did. Each estimate is a weighted
+average that forgets its old observations, so the choice follows the text and the machine: an
+acceptance by DECAY per new observation of it, a cost by DECAY per step timed since it was last
+measured (a machine's speed drifts in time, and a depth seldom drafted must not keep a timing
+from long ago at full weight). The acceptance a_i is also kept apart for steps after a fully
+accepted draft and for the others, because a drafter that was just right all the way (a greedy
+loop, a copied line) is likely to be right again; where one of the two has seen little, it leans
+on both together (a prior worth PRIOR tries). The first step of every prompt is left out of the
+costs: it pays for warming up (a drafter's first forward over the prompt).
 
 That product assumes the i-th draft is accepted as often whatever k is, which holds for a chain
 drafted token by token (a deeper chain only adds drafts after the same ones), nearly so for the
@@ -165,6 +165,6 @@ class Adaptive(Drafter):
         for i in range(min(accepted + 1, self.asked)):  # every accepted depth, and the first rejected or not made
             tried[i] = DECAY * tried[i] + 1
             hits[i] = DECAY * hits[i] + (i < accepted)
-        self.hot = int(self.drafted > 0 and accepted == self.drafted)
+        self.hot = int(self.drafted > 0 and accepted == self.drafted)  # every draft made was right (if fewer than asked)
         self.first = False
         self.steps += 1
