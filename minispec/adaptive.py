@@ -165,6 +165,6 @@ class Adaptive(Drafter):
         for i in range(min(accepted + 1, self.asked)):  # every accepted depth, and the first rejected or not made
             tried[i] = DECAY * tried[i] + 1
             hits[i] = DECAY * hits[i] + (i < accepted)
-        self.hot = int(self.drafted > 0 and accepted == self.drafted)  # every draft made was right (if fewer than asked)
+        self.hot = int(self.drafted > 0 and accepted == self.drafted)  # every draft made was right (even if few)
         self.first = False
         self.steps += 1
