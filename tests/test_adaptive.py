@@ -111,6 +111,24 @@ def test_a_draft_asked_for_but_not_made_counts_as_not_accepted(model):
     assert res.stats.accepted > 0  # it did draft
 
 
+class HalfAsDeep(Scripted):
+    """Always right, but asked for k drafts it makes only the first half of them (rounded up)."""
+
+    def propose(self, seq, room, sampling):
+        draft = super().propose(seq, room, sampling)
+        return Draft.chain(draft.tokens[:(len(draft.tokens) + 1) // 2].tolist())
+
+
+def test_the_tokens_expected_of_the_chosen_depth_are_the_tokens_it_gives(model):
+    """Drafts made short of the depth asked for: what auto expects of the depth it settles on is what
+    the steps give (counting only the drafts made, it would expect 1 + k of k asked for)."""
+    drafter, res = adaptive_run(model, right=True, kind=HalfAsDeep)
+    settled = drafter.chosen.index(max(drafter.chosen))
+    assert max(drafter.chosen) >= 0.7 * sum(drafter.chosen), drafter.chosen
+    tau = res.stats.new_tokens / res.stats.target_forwards
+    assert drafter.expected_tokens()[settled] == pytest.approx(tau, abs=0.5), (drafter.chosen, tau)
+
+
 def test_a_drafter_that_is_always_right_drafts_as_deep_as_it_may(model):
     drafter, res = adaptive_run(model, right=True)
     k = drafter.k
