@@ -16,15 +16,15 @@ gains nothing (Lookahead with no n-gram for x_t, a blockwise tree shallower than
 that stops early draft fewer than k). The cost is measured per k, not fitted: it is not a
 straight line. Drafting has a fixed cost that the first draft pays in full (the heads' or the
 drafter's forward, whatever k is), and Lookahead's window only fits in the block at its full
-depth. A k not measured yet costs what the nearest measured one did. Each estimate is a weighted
-average that forgets its old observations, so the choice follows the text and the machine: an
-acceptance by DECAY per new observation of it, a cost by DECAY per step timed since it was last
-measured (a machine's speed drifts in time, and a depth seldom drafted must not keep a timing
-from long ago at full weight). The acceptance a_i is also kept apart for steps after a fully
-accepted draft and for the others, because a drafter that was just right all the way (a greedy
-loop, a copied line) is likely to be right again; where one of the two has seen little, it leans
-on both together (a prior worth PRIOR tries). The first step of every prompt is left out of the
-costs: it pays for warming up (a drafter's first forward over the prompt).
+depth. Each estimate is a weighted average that forgets its old observations, so the choice
+follows the text and the machine: an acceptance by DECAY per new observation of it, a cost by
+DECAY per step timed since it was last measured (a machine's speed drifts in time, and a depth
+seldom drafted must not keep a timing from long ago at full weight). The acceptance a_i is also
+kept apart for steps after a fully accepted draft and for the others, because a drafter that was
+just right all the way (a greedy loop, a copied line) is likely to be right again; where one of
+the two has seen little, it leans on both together (a prior worth PRIOR tries). The first step
+of every prompt is left out of the costs: it pays for warming up (a drafter's first forward over
+the prompt).
 
 That product assumes the i-th draft is accepted as often whatever k is, which holds for a chain
 drafted token by token (a deeper chain only adds drafts after the same ones), nearly so for the
@@ -114,12 +114,8 @@ class Adaptive(Drafter):
 
     def seconds(self):
         """[the expected wall time of a step drafting k deep for k = 0..k_max]: the mean of the
-        steps timed at k, or at the nearest k timed (1 second while nothing is)."""
-        if all(self.weight):  # every depth timed, as after the first sweep: the quick way (every step asks)
-            return [spent / weight for spent, weight in zip(self.spent, self.weight)]
-        timed = [k for k in range(self.k + 1) if self.weight[k]]
-        nearest = [min(timed, key=lambda j: abs(j - k), default=None) for k in range(self.k + 1)]
-        return [self.spent[j] / self.weight[j] if j is not None else 1.0 for j in nearest]
+        steps timed at k. choose asks only after the first sweep, which times every depth."""
+        return [spent / weight for spent, weight in zip(self.spent, self.weight)]
 
     def choose(self):
         if self.timed <= self.k:  # the first timed steps: every depth once
@@ -141,8 +137,7 @@ class Adaptive(Drafter):
         draft = self.drafter.propose(seq, min(room, self.depth), sampling)
         self.drafted = max((len(path) - 1 for path in draft.paths), default=0)
         self.branching |= len(draft.paths) > 1
-        self.cut = room < self.depth  # the end of the text, not the choice, limited this draft
-        self.asked = min(room, self.depth)
+        self.asked = min(room, self.depth)  # less than the depth where the end of the text limits the draft
         return draft
 
     def verify(self, model, idx, pos, mask, cache, slots):
@@ -158,7 +153,7 @@ class Adaptive(Drafter):
             self.spent[k] = forget * self.spent[k] + seconds
             self.timed_at[k] = self.timed
         accepted = min(len(step.path) - 1, self.drafted)
-        if not self.cut:
+        if self.asked == k:  # a draft the end of the text cut short says nothing of what k gives
             self.stepped[self.hot][k] = DECAY * self.stepped[self.hot][k] + 1
             self.made[self.hot][k] = DECAY * self.made[self.hot][k] + len(step.emitted)
         tried, hits = self.tried[self.hot], self.accepted[self.hot]
