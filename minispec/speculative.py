@@ -40,7 +40,7 @@ from . import cudagraph, masks
 from .errors import MinispecError
 from .kvcache import KVCache
 from .verify import (accept_candidates, accept_greedy, accept_greedy_paths, accept_paths, accept_sampled,
-                     accept_top_beta, target_probs)
+                     accept_top_beta, sample, target_probs)
 
 
 @dataclass
@@ -58,10 +58,7 @@ class Sampling:
         sample from, and a draft per row: q's argmax when greedy, else a sample of q.
         Returns (tokens (...,), q (..., V))."""
         q = self.probs(logits)
-        if self.temperature == 0:
-            return q.argmax(-1), q
-        flat = q.reshape(-1, q.size(-1))
-        return torch.multinomial(flat, 1, generator=self.generator).view(q.shape[:-1]), q
+        return (q.argmax(-1) if self.temperature == 0 else sample(q, self.generator)), q
 
 
 @dataclass

@@ -31,8 +31,15 @@ def target_probs(logits, temperature, top_k=None):
 
 
 def sample(probs, generator):
-    """One token id drawn from probs (V,)."""
-    return int(torch.multinomial(probs, 1, generator=generator))
+    """One token id per row of probs (..., V) -> (...,), drawn by inverting the cumulative sum: the
+    first token whose cumulative probability passes u, a uniform number in [0, total). It needs one
+    random number per row, where torch.multinomial draws one per vocabulary entry, which costs a
+    CPU far more, and a sampled step draws up to k + 1 times. probs need not sum to 1. The sums run in float64, and right=True never stops at a token of
+    probability 0 (its cumulative sum equals the one before it); only a u that rounds up to the
+    total itself, a chance of about 2^-53, ends on the last token (the clamp)."""
+    cdf = probs.double().cumsum(-1)  # (..., V)
+    u = torch.rand(cdf.shape[:-1] + (1,), generator=generator, dtype=cdf.dtype, device=cdf.device) * cdf[..., -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.size(-1) - 1).squeeze(-1)
 
 
 def accept_greedy(draft, logits):
@@ -54,8 +61,8 @@ def accept_sampled(draft, q, p, generator):
         q_d = 1.0 if q is None else q[i, d]
         if u[i] * q_d < p[i, d]:  # u < p/q without dividing by a zero q
             continue
-        return i, sample(residual(p[i], point_mass(d, p[i]) if q is None else q[i]), generator)
-    return k, sample(p[k], generator)
+        return i, int(sample(residual(p[i], point_mass(d, p[i]) if q is None else q[i]), generator))
+    return k, int(sample(p[k], generator))
 
 
 def point_mass(d, like):
@@ -101,7 +108,7 @@ def accept_candidates(tokens, paths, p, generator):
             tried.add(d)
             r = residual(r, point_mass(d, r))  # d removed, the rest renormalised
         else:  # every next token rejected (or none left): emit from the residual
-            return prefix, sample(r, generator)
+            return prefix, int(sample(r, generator))
         prefix = path[:depth + 2]  # the accepted path's own block entries (the same text as the others')
         alive = [other for other in alive if len(other) > depth + 1 and int(tokens[other[depth + 1]]) == d]
 

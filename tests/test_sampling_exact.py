@@ -23,7 +23,7 @@ The target is a random GPT over 5 tokens whose layers outweigh its embeddings (s
 layers changes the distribution and self-drafted tokens get rejected) and whose final norm is
 sharp (so that a few sequences hold enough mass to test with a few hundred runs). The model and
 the prompt were picked so that the rules are exercised and the planted bugs stand out.
-About 5,000 short generate calls: about a minute of one CPU thread.
+About 7,000 short generate calls: well under a minute of one CPU thread.
 """
 
 import itertools
@@ -49,6 +49,7 @@ NEW_TOKENS = {"blockwise": NEW + 1}  # blockwise drafts from its second step on
 # K drafts (earlyexit, the same draft here, keeps the adaptive exit that cuts them short)
 OPTIONS = {"lookahead": {"G": 3}, "layerskip": {"gamma": None}}
 SAMPLES = 250  # runs per method and setting (seeds 0..SAMPLES-1)
+BUG_RUNS = 1000  # runs for a planted bug: with 250 its p-value hung on the seeds, falling below FAIL or not
 SETTINGS = {"T=1": (1.0, None), "T=0.7,top-3": (0.7, 3)}  # (temperature, top_k)
 # after its last token 4, Lookahead's pool holds the n-grams 3 3 4, 4 3 3 and 3 2 4 (most recent
 # first): two distinct first tokens, both likely
@@ -154,12 +155,12 @@ def recording(record):
         yield
 
 
-def sampled_counts(model, drafter, n, temperature, top_k, tally):
-    """Counts (V**n,) of the sequences sampled with seeds 0..SAMPLES-1, every verification
+def sampled_counts(model, drafter, n, temperature, top_k, tally, runs):
+    """Counts (V**n,) of the sequences sampled with seeds 0..runs-1, every verification
     recorded in `tally`."""
     counts = torch.zeros(V ** n)
     with recording(tally.record):
-        for seed in range(SAMPLES):
+        for seed in range(runs):
             out = generate(model, PROMPT, n, drafter, temperature=temperature, top_k=top_k, seed=seed)
             counts[sum(x * V ** (n - 1 - i) for i, x in enumerate(out.tokens))] += 1
     return counts
@@ -250,14 +251,14 @@ def make(method, model):
     return minispec.make_drafter(method, model, k=K, untrained=True, **OPTIONS.get(method, {}))
 
 
-def check_exact(model, method, setting, drafter=None):
+def check_exact(model, method, setting, drafter=None, runs=SAMPLES):
     """Sample the method's runs, print its tally; returns (p-value, tally)."""
     temperature, top_k = SETTINGS[setting]
     n = NEW_TOKENS.get(method, NEW)
     tally = Tally()
-    counts = sampled_counts(model, drafter or make(method, model), n, temperature, top_k, tally)
+    counts = sampled_counts(model, drafter or make(method, model), n, temperature, top_k, tally, runs)
     p = chi_square_p_value(counts, exact_joint(model, PROMPT, n, temperature, top_k))
-    print(f"\n{method}, {setting}: {n} tokens, {SAMPLES} runs, chi-square p = {p:.3g}\n{tally.table()}")
+    print(f"\n{method}, {setting}: {n} tokens, {runs} runs, chi-square p = {p:.3g}\n{tally.table()}")
     return p, tally
 
 
@@ -298,14 +299,14 @@ def correction_from_p(draft, q, p, generator):
         if u[i] * q_d < p[i, d]:
             continue
         if i >= 1:
-            return i, sample(p[i], generator)  # the bug
-        return i, sample(verify.residual(p[i], verify.point_mass(d, p[i]) if q is None else q[i]), generator)
-    return k, sample(p[k], generator)
+            return i, int(sample(p[i], generator))  # the bug
+        return i, int(sample(verify.residual(p[i], verify.point_mass(d, p[i]) if q is None else q[i]), generator))
+    return k, int(sample(p[k], generator))
 
 
 def residual_not_renormalised(p, q):
     """PLANTED BUG: verify.residual without its division by the sum. Sampling from it is
-    unchanged (torch.multinomial normalises), but accept_candidates then tests the next candidate
+    unchanged (verify.sample scales its uniform number by the total), but accept_candidates then tests the next candidate
     against the unnormalised residual, so it is accepted too rarely."""
     return (p - q).clamp(min=0.0)
 
@@ -334,19 +335,19 @@ class RolledHeads(Drafter):
 def test_correction_from_p_fails(target, monkeypatch):
     """Jacobi's drafts (deterministic, often accepted at depth 1) make corrections at depth 2 and 3."""
     monkeypatch.setattr(speculative, "accept_sampled", correction_from_p)
-    p, _ = check_exact(target, "jacobi", "T=1")
+    p, _ = check_exact(target, "jacobi", "T=1", runs=BUG_RUNS)
     assert p < FAIL, f"the exact test missed corrections drawn from p (p = {p:.3g})"
 
 
 def test_blockwise_heads_with_rolled_q_fail(target):
-    p, _ = check_exact(target, "blockwise", "T=0.7,top-3", RolledHeads(make("blockwise", target)))
+    p, _ = check_exact(target, "blockwise", "T=0.7,top-3", RolledHeads(make("blockwise", target)), BUG_RUNS)
     assert p < FAIL, f"the exact test missed heads verified against another head's q (p = {p:.3g})"
 
 
 def test_candidates_without_renormalising_fail(target, monkeypatch):
     """Lookahead's first step tries a likely n-gram, then another likely one after its rejection."""
     monkeypatch.setattr(verify, "residual", residual_not_renormalised)
-    p, _ = check_exact(target, "lookahead", "T=0.7,top-3")
+    p, _ = check_exact(target, "lookahead", "T=0.7,top-3", runs=BUG_RUNS)
     assert p < FAIL, f"the exact test missed an unnormalised residual between candidates (p = {p:.3g})"
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from minispec.verify import (accept_candidates, accept_greedy, accept_greedy_paths, accept_paths, accept_sampled,
-                             accept_top_beta, overlap, target_probs)
+                             accept_top_beta, overlap, sample, target_probs)
 from tests.helpers import chi_square_p_value
 
 
@@ -34,6 +34,38 @@ def test_target_probs():
     p = target_probs(logits, 1.0, top_k=2)
     assert p[0] == 0 and p[3] == 0 and torch.isclose(p.sum(), torch.tensor(1.0))
     assert torch.allclose(target_probs(logits, 2.0), torch.softmax(logits / 2, -1))
+
+
+def unscaled_sample(probs, generator):
+    """PLANTED BUG: verify.sample with u uniform in [0, 1) instead of [0, total): right only when
+    probs sum to 1 (the residuals of verification do not)."""
+    cdf = probs.double().cumsum(-1)
+    u = torch.rand(cdf.shape[:-1] + (1,), generator=generator, dtype=cdf.dtype)
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.size(-1) - 1).squeeze(-1)
+
+
+PROBS = torch.tensor([[0.0, 0.6, 0.0, 0.2, 0.2],  # zeros first, inside and last
+                      [0.2, 0.0, 0.1, 0.1, 0.0]])  # sums to 0.4, as an unnormalised residual may
+
+
+def draw_counts(sampler, n=20000):
+    """n draws of both rows of PROBS at once -> counts per token (2, 5)."""
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([sampler(PROBS, g) for _ in range(n)])  # (n, 2)
+    return torch.stack([torch.bincount(draws[:, row], minlength=5) for row in range(2)])
+
+
+def test_sample_draws_each_row_from_its_own_distribution():
+    counts = draw_counts(sample)
+    for row in range(2):
+        assert counts[row][PROBS[row] == 0].sum() == 0, "drew a token of probability zero"
+        assert chi_square_p_value(counts[row], PROBS[row]) > 0.01
+
+
+def test_the_sample_test_catches_an_unscaled_uniform():
+    counts = draw_counts(unscaled_sample)
+    assert chi_square_p_value(counts[0], PROBS[0]) > 0.01  # a row that sums to 1 cannot tell
+    assert counts[1][PROBS[1] == 0].sum() > 0.5 * 20000  # u past 0.4 lands on the last token, of probability 0
 
 
 def first_token_counts(rule, V, n=20000, seed=0):
