@@ -45,10 +45,19 @@ every TO_ZERO-th shallower one drafts nothing at all. A cost is only measured ag
 is drafted, so without that a too-high timing of the autoregressive step (a noisy first
 measurement, the machine busy for a moment) would keep a drafter that never pays from ever
 going back to it. While the choice is 0 (no depth pays) only every IDLE_EXPLORE-th step
-drafts: such a draft costs a whole step's extra work and is seldom right. A drafter that is
-never right ends up taking autoregressive steps, and pays only for those exploring steps. k = 0
-calls the drafter's propose with room 0, which every drafter answers at once with an empty
-draft.
+drafts: such a draft costs a whole step's extra work and is seldom right. Between those steps
+the choice is not worked out again: nothing was drafted, so only the cost of not drafting has
+moved. A drafter that is never right ends up taking autoregressive steps, and pays only for
+those exploring steps. k = 0 calls the drafter's propose with room 0, which every drafter
+answers at once with an empty draft.
+
+A step is timed only where its cost is what drafting k deep on every step would cost. A drafter
+with a cache of its own (the draft model, the [M] drafter) reads the tokens accepted since it
+last drafted before it drafts: after a run of steps that drafted nothing, that is every one of
+them, a one-off cost a drafter drafting every step never pays. Timed, it made every depth look
+dearer than it is, and not drafting, once chosen, kept itself chosen. So a step that drafts right
+after one that did not is not timed, and when the choice is then not to draft, its depth is
+drafted once more, and that step is timed.
 """
 
 import time
@@ -83,6 +92,8 @@ class Adaptive(Drafter):
         self.stepped = [[0.0] * (self.k + 1) for _ in range(2)]
         self.made = [[0.0] * (self.k + 1) for _ in range(2)]
         self.branching = False  # whether a draft has had several paths
+        self.idle = False  # whether the last choice worked out was not to draft
+        self.kept_up, self.retime = True, 0  # whether the drafter drafted on the last step; a depth to time again
 
     def __getattr__(self, name):
         """What Adaptive does not have is the wrapped drafter's (reports read e.g. its `drafting`)."""
@@ -92,6 +103,7 @@ class Adaptive(Drafter):
 
     def start(self, prompt, cache):
         self.hot, self.first = 0, True  # the previous prompt's last step says nothing about this one
+        self.kept_up = True  # the drafter's start reads the prompt
         self.drafter.start(prompt, cache)
 
     def expected_tokens(self):
@@ -120,8 +132,13 @@ class Adaptive(Drafter):
     def choose(self):
         if self.timed <= self.k:  # the first timed steps: every depth once
             return self.timed
+        if self.idle and self.depth == 0 and self.steps % IDLE_EXPLORE:
+            return 0  # nothing drafted since not drafting was chosen: only its own cost has moved (see above)
         speed = [tokens / seconds for tokens, seconds in zip(self.expected_tokens(), self.seconds())]
         best = speed.index(max(speed))
+        self.idle = best == 0
+        if self.idle and self.retime:
+            return self.retime  # the last step drafted after steps that did not, untimed: time its depth
         every = IDLE_EXPLORE if best == 0 else EXPLORE
         if self.steps % every:
             return best
@@ -133,6 +150,7 @@ class Adaptive(Drafter):
     def propose(self, seq, room, sampling):
         self.began = self.clock()
         self.depth = self.choose()
+        self.steady = self.kept_up or self.depth == 0  # nothing to catch up on: the step's time is k's cost
         self.chosen[self.depth] += 1
         draft = self.drafter.propose(seq, min(room, self.depth), sampling)
         self.drafted = max((len(path) - 1 for path in draft.paths), default=0)
@@ -146,7 +164,9 @@ class Adaptive(Drafter):
     def observe(self, step):
         self.drafter.observe(step)
         seconds, k = self.clock() - self.began, self.depth
-        if not self.first:
+        self.retime = 0 if self.steady or self.first else k
+        self.kept_up = self.asked > 0
+        if self.steady and not self.first:
             self.timed += 1
             forget = DECAY ** (self.timed - self.timed_at[k])  # a cost forgets by time: the machine drifts
             self.weight[k] = forget * self.weight[k] + 1.0

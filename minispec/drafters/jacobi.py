@@ -119,8 +119,8 @@ class Jacobi(Drafter):
         return Draft.chain(self.guesses)
 
     def observe(self, step):
-        update = step.logits.argmax(-1)  # (T,) the Jacobi update: the argmax after each block token
-        self.guesses = update[len(step.path):].tolist()  # the refined tail, after the emitted token
+        tail = step.logits[len(step.path):]  # (T - len(path), V) after the emitted token; none at depth 0
+        self.guesses = tail.argmax(-1).tolist() if len(tail) else []  # the Jacobi update: the refined tail
 
 
 class Lookahead(Drafter):
