@@ -47,7 +47,10 @@ measurement, the machine busy for a moment) would keep a drafter that never pays
 going back to it. While the choice is 0 (no depth pays) only every IDLE_EXPLORE-th step
 drafts: such a draft costs a whole step's extra work and is seldom right. Between those steps
 the choice is not worked out again: nothing was drafted, so only the cost of not drafting has
-moved. A drafter that is never right ends up taking autoregressive steps, and pays only for
+moved. That holds only while drafting pays in neither state: a step that drafts nothing leaves
+the state "not after a fully accepted step", so a drafter that pays only after one (blockwise
+heads in a loop) would otherwise wait for an exploring step to learn that the loop is back, and
+explores every EXPLORE-th step then, not every IDLE_EXPLORE-th. A drafter that is never right ends up taking autoregressive steps, and pays only for
 those exploring steps. k = 0 calls the drafter's propose with room 0, which every drafter
 answers at once with an empty draft.
 
@@ -92,7 +95,8 @@ class Adaptive(Drafter):
         self.stepped = [[0.0] * (self.k + 1) for _ in range(2)]
         self.made = [[0.0] * (self.k + 1) for _ in range(2)]
         self.branching = False  # whether a draft has had several paths
-        self.idle = False  # whether the last choice worked out was not to draft
+        self.idle = False  # whether, at the last choice worked out, drafting paid in neither state
+        self.depth = 0  # the depth of the last step
         self.kept_up, self.retime = True, 0  # whether the drafter drafted on the last step; a depth to time again
 
     def __getattr__(self, name):
@@ -106,21 +110,22 @@ class Adaptive(Drafter):
         self.kept_up = True  # the drafter's start reads the prompt
         self.drafter.start(prompt, cache)
 
-    def expected_tokens(self):
+    def expected_tokens(self, hot=None):
         """[E[new tokens] of a step drafting k deep for k = 0..k_max], from the acceptance measured
-        so far in the current state, shrunk toward both states' together, and those toward the
+        so far in state `hot` (default: the current one), shrunk toward both states' together, and those toward the
         depth above (1/2 at depth 1): a depth seldom drafted is expected to do as well as the one
         above it. For drafts of several paths, the tokens measured at each k, shrunk toward that."""
+        hot = self.hot if hot is None else hot
         expected, run, pooled = [1.0], 1.0, 0.5
         for i in range(self.k):
             both = (self.accepted[0][i] + self.accepted[1][i] + PRIOR * pooled) / (
                 self.tried[0][i] + self.tried[1][i] + PRIOR)
-            rate = (self.accepted[self.hot][i] + PRIOR * both) / (self.tried[self.hot][i] + PRIOR)
+            rate = (self.accepted[hot][i] + PRIOR * both) / (self.tried[hot][i] + PRIOR)
             pooled = both
             run *= rate
             expected.append(expected[-1] + run)
         if self.branching:
-            made, stepped = self.made[self.hot], self.stepped[self.hot]
+            made, stepped = self.made[hot], self.stepped[hot]
             return [(made[k] + PRIOR * e) / (stepped[k] + PRIOR) for k, e in enumerate(expected)]
         return expected
 
@@ -129,17 +134,21 @@ class Adaptive(Drafter):
         steps timed at k. choose asks only after the first sweep, which times every depth."""
         return [spent / weight for spent, weight in zip(self.spent, self.weight)]
 
+    def best(self, hot=None):
+        """The depth with the most expected tokens per second, in state `hot` (default: the current one)."""
+        speed = [tokens / seconds for tokens, seconds in zip(self.expected_tokens(hot), self.seconds())]
+        return speed.index(max(speed))
+
     def choose(self):
         if self.timed <= self.k:  # the first timed steps: every depth once
             return self.timed
         if self.idle and self.depth == 0 and self.steps % IDLE_EXPLORE:
             return 0  # nothing drafted since not drafting was chosen: only its own cost has moved (see above)
-        speed = [tokens / seconds for tokens, seconds in zip(self.expected_tokens(), self.seconds())]
-        best = speed.index(max(speed))
-        self.idle = best == 0
-        if self.idle and self.retime:
+        best = self.best()
+        self.idle = best == 0 and self.best(1 - self.hot) == 0  # in neither state does drafting pay
+        if best == 0 and self.retime:
             return self.retime  # the last step drafted after steps that did not, untimed: time its depth
-        every = IDLE_EXPLORE if best == 0 else EXPLORE
+        every = IDLE_EXPLORE if self.idle else EXPLORE
         if self.steps % every:
             return best
         if best == 0 or (best < self.k and self.steps // every % 2):  # deeper and shallower in turn

@@ -35,7 +35,11 @@ class Scripted(Drafter):
         k = min(self.k, room)
         self.clock.now += 1.0 + 0.3 * k
         done = len(seq) - self.prompt_len
-        return Draft.chain([self.wrong] * k if self.wrong is not None else self.text[done:done + k])
+        return Draft.chain([self.wrong] * k if self.wrong_at(done) else self.text[done:done + k])
+
+    def wrong_at(self, done):
+        """Whether the drafts after `done` new tokens are wrong."""
+        return self.wrong is not None
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +159,35 @@ def test_the_tokens_expected_of_the_chosen_depth_are_the_tokens_it_gives(model):
     assert max(drafter.chosen) >= 0.7 * sum(drafter.chosen), drafter.chosen
     tau = res.stats.new_tokens / res.stats.target_forwards
     assert drafter.expected_tokens()[settled] == pytest.approx(tau, abs=0.5), (drafter.chosen, tau)
+
+
+class WrongForAWhile(Scripted):
+    """Scripted: right, but wrong while the text is between WRONG_FROM and WRONG_TO new tokens."""
+
+    def wrong_at(self, done):
+        return WRONG_FROM <= done < WRONG_TO
+
+
+WRONG_FROM, WRONG_TO = 80, 140
+
+
+def test_a_drafter_right_again_after_a_wrong_stretch_drafts_again_soon(model):
+    """While the drafts are wrong not drafting pays, and a step that drafts nothing leaves the
+    state "not after a fully accepted step", where not drafting still pays once they are right
+    again. Drafting still pays after a fully accepted step, so it explores every EXPLORE-th step,
+    not every IDLE_EXPLORE-th as a drafter that never pays does, and is soon drafting again."""
+    drafter, res = adaptive_run(model, right=False, kind=WrongForAWhile, n_new=250)
+    done, waited = 0, None
+    for emitted, accepted, depth in res.steps:
+        if done >= WRONG_TO and waited is None:
+            waited = 0
+        if waited is not None:
+            if depth > 1:
+                break
+            waited += 1
+        done += len(emitted)
+    assert drafter.chosen[0] > 10, "not drafting was never chosen in the wrong stretch: nothing tested"
+    assert waited is not None and waited <= EXPLORE + 2, f"{waited} steps before drafting deep again"
 
 
 def test_a_drafter_that_is_always_right_drafts_as_deep_as_it_may(model):
