@@ -50,9 +50,9 @@ the choice is not worked out again: nothing was drafted, so only the cost of not
 moved. That holds only while drafting pays in neither state: a step that drafts nothing leaves
 the state "not after a fully accepted step", so a drafter that pays only after one (blockwise
 heads in a loop) would otherwise wait for an exploring step to learn that the loop is back, and
-explores every EXPLORE-th step then, not every IDLE_EXPLORE-th. A drafter that is never right ends up taking autoregressive steps, and pays only for
-those exploring steps. k = 0 calls the drafter's propose with room 0, which every drafter
-answers at once with an empty draft.
+explores every EXPLORE-th step then, not every IDLE_EXPLORE-th. A drafter that is never right
+ends up taking autoregressive steps, and pays only for those exploring steps. k = 0 calls the
+drafter's propose with room 0, which every drafter answers at once with an empty draft.
 
 A step is timed only where its cost is what drafting k deep on every step would cost. A drafter
 with a cache of its own (the draft model, the [M] drafter) reads the tokens accepted since it
@@ -97,7 +97,8 @@ class Adaptive(Drafter):
         self.branching = False  # whether a draft has had several paths
         self.idle = False  # whether, at the last choice worked out, drafting paid in neither state
         self.depth = 0  # the depth of the last step
-        self.kept_up, self.retime = True, 0  # whether the drafter drafted on the last step; a depth to time again
+        self.kept_up = True  # whether the drafter drafted on the last step (or read the prompt)
+        self.retime = 0  # a depth drafted untimed on the last step, to draft and time again
 
     def __getattr__(self, name):
         """What Adaptive does not have is the wrapped drafter's (reports read e.g. its `drafting`)."""
@@ -112,9 +113,10 @@ class Adaptive(Drafter):
 
     def expected_tokens(self, hot=None):
         """[E[new tokens] of a step drafting k deep for k = 0..k_max], from the acceptance measured
-        so far in state `hot` (default: the current one), shrunk toward both states' together, and those toward the
-        depth above (1/2 at depth 1): a depth seldom drafted is expected to do as well as the one
-        above it. For drafts of several paths, the tokens measured at each k, shrunk toward that."""
+        so far in state `hot` (default: the current one), shrunk toward both states' together, and
+        those toward the depth above (1/2 at depth 1): a depth seldom drafted is expected to do as
+        well as the one above it. For drafts of several paths, the tokens measured at each k, shrunk
+        toward that."""
         hot = self.hot if hot is None else hot
         expected, run, pooled = [1.0], 1.0, 0.5
         for i in range(self.k):

@@ -34,9 +34,10 @@ def sample(probs, generator):
     """One token id per row of probs (..., V) -> (...,), drawn by inverting the cumulative sum: the
     first token whose cumulative probability passes u, a uniform number in [0, total). It needs one
     random number per row, where torch.multinomial draws one per vocabulary entry, which costs a
-    CPU far more, and a sampled step draws up to k + 1 times. probs need not sum to 1. The sums run in float64, and right=True never stops at a token of
-    probability 0 (its cumulative sum equals the one before it); only a u that rounds up to the
-    total itself, a chance of about 2^-53, ends on the last token (the clamp)."""
+    CPU far more, and a sampled step draws up to k + 1 times. probs need not sum to 1. The sums
+    run in float64, and right=True never stops at a token of probability 0 (its cumulative sum
+    equals the one before it); only a u that rounds up to the total itself, a chance of about
+    2^-53, ends on the last token (the clamp)."""
     cdf = probs.cumsum(-1, dtype=torch.float64)  # (..., V)
     u = torch.rand(cdf.shape[:-1] + (1,), generator=generator, dtype=cdf.dtype, device=cdf.device) * cdf[..., -1:]
     return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.size(-1) - 1).squeeze(-1)

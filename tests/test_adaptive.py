@@ -196,7 +196,7 @@ def test_a_drafter_that_is_always_right_drafts_as_deep_as_it_may(model):
     assert res.stats.accepted > 0
     explored = sum(drafter.chosen) // EXPLORE + 1
     # the first step, the sweep (depth 1 twice: first right after not drafting) and the exploring steps
-    assert drafter.chosen[k] >= sum(drafter.chosen) - (k + 1) - explored, "less than k_max: the sweep and exploring steps"
+    assert drafter.chosen[k] >= sum(drafter.chosen) - (k + 1) - explored, "less than k_max: sweep and exploring"
     assert res.stats.tau > k - 0.5  # k drafts and the bonus on almost every step (the sweep drafts less)
 
 

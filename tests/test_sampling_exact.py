@@ -306,8 +306,8 @@ def correction_from_p(draft, q, p, generator):
 
 def residual_not_renormalised(p, q):
     """PLANTED BUG: verify.residual without its division by the sum. Sampling from it is
-    unchanged (verify.sample scales its uniform number by the total), but accept_candidates then tests the next candidate
-    against the unnormalised residual, so it is accepted too rarely."""
+    unchanged (verify.sample scales its uniform number by the total), but accept_candidates then
+    tests the next candidate against the unnormalised residual, so it is accepted too rarely."""
     return (p - q).clamp(min=0.0)
 
 
