@@ -47,12 +47,13 @@ measurement, the machine busy for a moment) would keep a drafter that never pays
 going back to it. While the choice is 0 (no depth pays) only every IDLE_EXPLORE-th step
 drafts: such a draft costs a whole step's extra work and is seldom right. Between those steps
 the choice is not worked out again: nothing was drafted, so only the cost of not drafting has
-moved. That holds only while drafting pays in neither state: a step that drafts nothing leaves
-the state "not after a fully accepted step", so a drafter that pays only after one (blockwise
-heads in a loop) would otherwise wait for an exploring step to learn that the loop is back, and
-explores every EXPLORE-th step then, not every IDLE_EXPLORE-th. A drafter that is never right
-ends up taking autoregressive steps, and pays only for those exploring steps. k = 0 calls the
-drafter's propose with room 0, which every drafter answers at once with an empty draft.
+moved (a change of choice that alone would bring waits for the next exploring step). That holds only
+while drafting pays in neither state: where it pays after a fully accepted step (blockwise heads
+in a loop), the choice is worked out on every step and exploring stays at every EXPLORE-th step,
+so that a loop coming back is found soon. A step that drafts nothing leaves the state as it was:
+it says nothing of the drafter. A drafter that is never right ends up taking autoregressive
+steps, and pays only for those exploring steps. k = 0 calls the drafter's propose with room 0,
+which every drafter answers at once with an empty draft.
 
 A step is timed only where its cost is what drafting k deep on every step would cost. A drafter
 with a cache of its own (the draft model, the [M] drafter) reads the tokens accepted since it
@@ -60,7 +61,8 @@ last drafted before it drafts: after a run of steps that drafted nothing, that i
 them, a one-off cost a drafter drafting every step never pays. Timed, it made every depth look
 dearer than it is, and not drafting, once chosen, kept itself chosen. So a step that drafts right
 after one that did not is not timed, and when the choice is then not to draft, its depth is
-drafted once more, and that step is timed.
+drafted once more, and that step is timed. So an exploring step while not drafting is chosen
+drafts twice in a row, for every drafter: the wrapper cannot tell which ones catch up.
 """
 
 import time
@@ -108,7 +110,7 @@ class Adaptive(Drafter):
 
     def start(self, prompt, cache):
         self.hot, self.first = 0, True  # the previous prompt's last step says nothing about this one
-        self.kept_up = True  # the drafter's start reads the prompt
+        self.kept_up, self.retime = True, 0  # the drafter's start reads the prompt
         self.drafter.start(prompt, cache)
 
     def expected_tokens(self, hot=None):
@@ -191,6 +193,7 @@ class Adaptive(Drafter):
         for i in range(min(accepted + 1, self.asked)):  # every accepted depth, and the first rejected or not made
             tried[i] = DECAY * tried[i] + 1
             hits[i] = DECAY * hits[i] + (i < accepted)
-        self.hot = int(self.drafted > 0 and accepted == self.drafted)  # every draft made was right (even if few)
+        if self.drafted:  # a step that drafted nothing says nothing of the drafter: the state stays
+            self.hot = int(accepted == self.drafted)  # every draft made was right (even if few)
         self.first = False
         self.steps += 1

@@ -34,13 +34,17 @@ def sample(probs, generator):
     """One token id per row of probs (..., V) -> (...,), drawn by inverting the cumulative sum: the
     first token whose cumulative probability passes u, a uniform number in [0, total). It needs one
     random number per row, where torch.multinomial draws one per vocabulary entry, which costs a
-    CPU far more, and a sampled step draws up to k + 1 times. probs need not sum to 1. The sums
-    run in float64, and right=True never stops at a token of probability 0 (its cumulative sum
-    equals the one before it); only a u that rounds up to the total itself, a chance of about
-    2^-53, ends on the last token (the clamp)."""
+    CPU far more, and a sampled step draws up to k + 1 times. probs need not sum to 1, but every
+    row must hold some probability. The sums run in float64, and u stays below the total; with
+    right=True the search never stops at a token of probability 0, whose cumulative sum equals
+    the one before it (summed in order, as on a CPU; a GPU's parallel sum may differ by a
+    rounding)."""
     cdf = probs.cumsum(-1, dtype=torch.float64)  # (..., V)
-    u = torch.rand(cdf.shape[:-1] + (1,), generator=generator, dtype=cdf.dtype, device=cdf.device) * cdf[..., -1:]
-    return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.size(-1) - 1).squeeze(-1)
+    total = cdf[..., -1:]  # (..., 1)
+    if not bool((total > 0).all()):  # also False for NaN
+        raise ValueError("sample: a row with no probability to draw from")
+    u = torch.rand(total.shape, generator=generator, dtype=cdf.dtype, device=cdf.device) * total
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1)
 
 
 def accept_greedy(draft, logits):

@@ -21,9 +21,9 @@ exact test, and must leave greedy decoding unchanged. So does the adaptive draft
 
 The target is a random GPT over 5 tokens whose layers outweigh its embeddings (so that skipping
 layers changes the distribution and self-drafted tokens get rejected) and whose final norm is
-sharp (so that a few sequences hold enough mass to test with a few hundred runs). The model and
+sharp (so that a few sequences hold enough mass to test with a thousand runs). The model and
 the prompt were picked so that the rules are exercised and the planted bugs stand out.
-About 7,000 short generate calls: well under a minute of one CPU thread.
+About 22,000 short generate calls (`pytest -q tests/test_sampling_exact.py` prints how long they take).
 """
 
 import itertools
@@ -48,8 +48,7 @@ NEW_TOKENS = {"blockwise": NEW + 1}  # blockwise drafts from its second step on
 # lookahead: three n-grams per first token, several candidates on the first step; layerskip: always
 # K drafts (earlyexit, the same draft here, keeps the adaptive exit that cuts them short)
 OPTIONS = {"lookahead": {"G": 3}, "layerskip": {"gamma": None}}
-SAMPLES = 250  # runs per method and setting (seeds 0..SAMPLES-1)
-BUG_RUNS = 1000  # runs for a planted bug: with 250 its p-value hung on the seeds, falling below FAIL or not
+SAMPLES = 1000  # runs per method and setting (seeds 0..SAMPLES-1); with 250 a planted bug's p-value hung on the seeds
 SETTINGS = {"T=1": (1.0, None), "T=0.7,top-3": (0.7, 3)}  # (temperature, top_k)
 # after its last token 4, Lookahead's pool holds the n-grams 3 3 4, 4 3 3 and 3 2 4 (most recent
 # first): two distinct first tokens, both likely
@@ -155,12 +154,12 @@ def recording(record):
         yield
 
 
-def sampled_counts(model, drafter, n, temperature, top_k, tally, runs):
-    """Counts (V**n,) of the sequences sampled with seeds 0..runs-1, every verification
+def sampled_counts(model, drafter, n, temperature, top_k, tally):
+    """Counts (V**n,) of the sequences sampled with seeds 0..SAMPLES-1, every verification
     recorded in `tally`."""
     counts = torch.zeros(V ** n)
     with recording(tally.record):
-        for seed in range(runs):
+        for seed in range(SAMPLES):
             out = generate(model, PROMPT, n, drafter, temperature=temperature, top_k=top_k, seed=seed)
             counts[sum(x * V ** (n - 1 - i) for i, x in enumerate(out.tokens))] += 1
     return counts
@@ -251,14 +250,14 @@ def make(method, model):
     return minispec.make_drafter(method, model, k=K, untrained=True, **OPTIONS.get(method, {}))
 
 
-def check_exact(model, method, setting, drafter=None, runs=SAMPLES):
+def check_exact(model, method, setting, drafter=None):
     """Sample the method's runs, print its tally; returns (p-value, tally)."""
     temperature, top_k = SETTINGS[setting]
     n = NEW_TOKENS.get(method, NEW)
     tally = Tally()
-    counts = sampled_counts(model, drafter or make(method, model), n, temperature, top_k, tally, runs)
+    counts = sampled_counts(model, drafter or make(method, model), n, temperature, top_k, tally)
     p = chi_square_p_value(counts, exact_joint(model, PROMPT, n, temperature, top_k))
-    print(f"\n{method}, {setting}: {n} tokens, {runs} runs, chi-square p = {p:.3g}\n{tally.table()}")
+    print(f"\n{method}, {setting}: {n} tokens, {SAMPLES} runs, chi-square p = {p:.3g}\n{tally.table()}")
     return p, tally
 
 
@@ -335,19 +334,19 @@ class RolledHeads(Drafter):
 def test_correction_from_p_fails(target, monkeypatch):
     """Jacobi's drafts (deterministic, often accepted at depth 1) make corrections at depth 2 and 3."""
     monkeypatch.setattr(speculative, "accept_sampled", correction_from_p)
-    p, _ = check_exact(target, "jacobi", "T=1", runs=BUG_RUNS)
+    p, _ = check_exact(target, "jacobi", "T=1")
     assert p < FAIL, f"the exact test missed corrections drawn from p (p = {p:.3g})"
 
 
 def test_blockwise_heads_with_rolled_q_fail(target):
-    p, _ = check_exact(target, "blockwise", "T=0.7,top-3", RolledHeads(make("blockwise", target)), BUG_RUNS)
+    p, _ = check_exact(target, "blockwise", "T=0.7,top-3", RolledHeads(make("blockwise", target)))
     assert p < FAIL, f"the exact test missed heads verified against another head's q (p = {p:.3g})"
 
 
 def test_candidates_without_renormalising_fail(target, monkeypatch):
     """Lookahead's first step tries a likely n-gram, then another likely one after its rejection."""
     monkeypatch.setattr(verify, "residual", residual_not_renormalised)
-    p, _ = check_exact(target, "lookahead", "T=0.7,top-3", runs=BUG_RUNS)
+    p, _ = check_exact(target, "lookahead", "T=0.7,top-3")
     assert p < FAIL, f"the exact test missed an unnormalised residual between candidates (p = {p:.3g})"
 
 

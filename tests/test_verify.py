@@ -39,7 +39,7 @@ def test_target_probs():
 def unscaled_sample(probs, generator):
     """PLANTED BUG: verify.sample with u uniform in [0, 1) instead of [0, total): right only when
     probs sum to 1 (the residuals of verification do not)."""
-    cdf = probs.double().cumsum(-1)
+    cdf = probs.cumsum(-1, dtype=torch.float64)
     u = torch.rand(cdf.shape[:-1] + (1,), generator=generator, dtype=cdf.dtype)
     return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.size(-1) - 1).squeeze(-1)
 
@@ -48,24 +48,28 @@ PROBS = torch.tensor([[0.0, 0.6, 0.0, 0.2, 0.2],  # zeros first, inside and last
                       [0.2, 0.0, 0.1, 0.1, 0.0]])  # sums to 0.4, as an unnormalised residual may
 
 
-def draw_counts(sampler, n=20000):
-    """n draws of both rows of PROBS at once -> counts per token (2, 5)."""
+def draws_follow(sampler, n=20000):
+    """Whether n draws of both rows of PROBS at once follow each row's distribution: never a token
+    of probability zero, and a chi-square p-value above 0.01."""
     g = torch.Generator().manual_seed(0)
     draws = torch.stack([sampler(PROBS, g) for _ in range(n)])  # (n, 2)
-    return torch.stack([torch.bincount(draws[:, row], minlength=5) for row in range(2)])
+    counts = [torch.bincount(draws[:, row], minlength=5) for row in range(2)]
+    return all(c[p == 0].sum() == 0 and chi_square_p_value(c, p) > 0.01 for c, p in zip(counts, PROBS))
 
 
 def test_sample_draws_each_row_from_its_own_distribution():
-    counts = draw_counts(sample)
-    for row in range(2):
-        assert counts[row][PROBS[row] == 0].sum() == 0, "drew a token of probability zero"
-        assert chi_square_p_value(counts[row], PROBS[row]) > 0.01
+    assert draws_follow(sample)
+    assert sample(PROBS[0], torch.Generator()).shape == ()  # one row: one token
 
 
 def test_the_sample_test_catches_an_unscaled_uniform():
-    counts = draw_counts(unscaled_sample)
-    assert chi_square_p_value(counts[0], PROBS[0]) > 0.01  # a row that sums to 1 cannot tell
-    assert counts[1][PROBS[1] == 0].sum() > 0.5 * 20000  # u past 0.4 lands on the last token, of probability 0
+    assert not draws_follow(unscaled_sample)
+
+
+def test_sample_refuses_a_row_with_nothing_to_draw():
+    for row in (torch.zeros(5), torch.full((5,), float("nan"))):
+        with pytest.raises(ValueError, match="no probability"):
+            sample(row, torch.Generator())
 
 
 def first_token_counts(rule, V, n=20000, seed=0):

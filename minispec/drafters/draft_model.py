@@ -53,7 +53,9 @@ class DraftModel(Drafter):
         self.drafted = 0
 
     def _feed(self, ids, start):
-        """Feed 1 or 2 token ids at positions start..; return the draft's logits after the last one (V,)."""
+        """Feed token ids at positions start.. (a draft, or the tokens accepted since the last drafting
+        step: 1 or 2 when it drafts every step, more after steps that drafted nothing); return the
+        draft's logits after the last one (V,)."""
         device = self.cache.kv.device
         n = len(ids)
         pos = torch.arange(start, start + n, device=device)
