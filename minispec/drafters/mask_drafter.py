@@ -30,7 +30,8 @@ Optionally (features=True), the target's features, EAGLE-style (Li et al., ICML 
 row j also reads fuse(h_{j-1}), the target's final hidden state that predicted x_j. They cost
 nothing while decoding: verification returns h at x_t and every accepted draft (Step.hidden);
 only the prompt's take one extra target forward (start). The default trains without them
-(fuse stays zero), as SpecDec's drafter reads tokens only: measured, it generalises better.
+(fuse stays zero, and decoding then neither computes nor reads them), as SpecDec's drafter
+reads tokens only: measured, it generalises better.
 
 [M] embeddings: one learned vector per offset i (k_max of them), added to the position
 embedding AND to the input of the last prefix row (wte(x_t) + fuse(h_{t-1})): every [M] query
@@ -114,16 +115,17 @@ class SpecDrafter(nn.Module):
 
     def forward(self, idx, feats, pos, offsets, mask, cache=None, slots=None, reveal=None, every_row=False):
         """idx (B, n) prefix tokens and feats (B, n, C) the target's final hidden state at the token
-        before each (target_outputs), then one [M] per entry of offsets (m,) (i-1 for [M]_i);
-        pos (n + m,) the positions of all of them; mask (n + m, S). reveal (B, m): a true token
-        to show instead of the [M] (glancing), -1 for none. Returns the [M]s' logits (B, m, V), or
-        with every_row the logits of all n + m rows (training's next-token loss on the prefix)."""
+        before each (target_outputs; None: no features, for a set trained without them), then one
+        [M] per entry of offsets (m,) (i-1 for [M]_i); pos (n + m,) the positions of all of them;
+        mask (n + m, S). reveal (B, m): a true token to show instead of the [M] (glancing), -1 for
+        none. Returns the [M]s' logits (B, m, V), or with every_row the logits of all n + m rows
+        (training's next-token loss on the prefix)."""
         B, n = idx.shape
         wte, wpe = self.gpt.transformer.wte, self.gpt.transformer.wpe
         m = self.mask_emb[offsets].expand(B, -1, -1)  # (B, m, C)
         if reveal is not None:
             m = torch.where((reveal >= 0)[..., None], wte(reveal.clamp(min=0)), m)
-        inputs = wte(idx) + self.fuse(feats)  # (B, n, C) each prefix token with its target feature
+        inputs = wte(idx) if feats is None else wte(idx) + self.fuse(feats)  # (B, n, C) each token with its feature
         last = pos[n:] - offsets - 1 - pos[0]  # (m,) [M]_i at t+i follows the prefix token at t
         x = torch.cat([inputs + wpe(pos[:n]), m + inputs[:, last] + wpe(pos[n:])], dim=1)  # (B, n + m, C)
         x = self.gpt.run_layers(x, mask, cache, slots)
@@ -151,13 +153,18 @@ class MaskDrafter(Drafter):
         self.target, self.drafter, self.k = target, drafter, k
         config = drafter.gpt.config
         self.feats = torch.zeros(config.block_size, config.n_embd, device=drafter.mask_emb.device)  # (S, C)
+        # sets trained without features have a zero projection: then none are computed or read (same drafts)
+        self.features = any(bool(net.fuse.weight.any() or net.fuse.bias.any())
+                            for net in (drafter, self.sampling_drafter))
 
     def start(self, prompt, cache):
         """The prompt's features: one extra target forward over the prompt (generate's prefill
         keeps only keys and values); every later feature comes free with verification (observe).
         Then the prompt, x_t aside, goes into each set's own cache: a prefill with no [M]. Only
         one set drafts in a call (the temperature decides which), and only its cache is kept up."""
-        self.feats[:len(prompt)] = target_outputs(self.target, torch.tensor([prompt], device=self.feats.device))[0][0]
+        if self.features:
+            ids = torch.tensor([prompt], device=self.feats.device)
+            self.feats[:len(prompt)] = target_outputs(self.target, ids)[0][0]
         n = len(prompt) - 1
         pos = torch.arange(n, device=self.feats.device)
         self.caches = {}
@@ -165,18 +172,19 @@ class MaskDrafter(Drafter):
             if net not in self.caches:
                 self.caches[net] = cudagraph.cache_like(cache, net.gpt)
                 if n:
-                    net(torch.tensor([prompt[:-1]], device=pos.device), self.feats[None, :n], pos, pos[:0],
-                        masks.causal(n, pos.device), self.caches[net], pos)
+                    net(torch.tensor([prompt[:-1]], device=pos.device), self.feats[None, :n] if self.features else None,
+                        pos, pos[:0], masks.causal(n, pos.device), self.caches[net], pos)
         self.fed = n  # the drafting set's cache holds seq[:fed]
 
     def observe(self, step):
         """The verification forward's hidden states at x_t and the accepted drafts are the
         features of the tokens after them: the accepted drafts and the bonus token."""
-        self.feats[step.start + 1:step.start + 1 + len(step.path)] = step.hidden[step.path]
+        if self.features:
+            self.feats[step.start + 1:step.start + 1 + len(step.path)] = step.hidden[step.path]
 
-    def block_forward(self, idx, pos, mask, slots, feats, offsets):
-        """The accepted tokens idx (1, n) with their features (1, n, C), then len(offsets) [M]s,
-        in one forward over the drafter's cache -> the [M]s' logits (1, m, V)."""
+    def block_forward(self, idx, pos, mask, slots, offsets, feats=None):
+        """The accepted tokens idx (1, n) with their features (1, n, C) if any, then len(offsets)
+        [M]s, in one forward over the drafter's cache -> the [M]s' logits (1, m, V)."""
         return (self.net(idx, feats, pos, offsets, mask, self.cache, slots),)
 
     def propose(self, seq, room, sampling):
@@ -194,9 +202,9 @@ class MaskDrafter(Drafter):
         self.drafting = block.cpu(), new
         mask = masks.cached_block(self.fed, block, self.fed + n + k, device)
         offsets = torch.arange(k, device=device)  # [M]_i has offset i-1
+        feats = (self.feats[None, self.fed:len(seq)],) if self.features else ()  # (1, n, C)
         logits = cudagraph.run(self.cache, ("mask", id(self.net), k), self.block_forward,
-                               torch.tensor([new], device=device), pos, mask, pos,
-                               self.feats[None, self.fed:len(seq)], offsets)[0][0]  # (k, V)
+                               torch.tensor([new], device=device), pos, mask, pos, offsets, *feats)[0][0]  # (k, V)
         self.fed = len(seq)  # the [M] entries at slots t+1..t+k are dead: next step overwrites them
         return Draft.chain(*sampling.draw(logits))  # q (k, V): each [M] has its own distribution
 
