@@ -158,8 +158,9 @@ class MaskDrafter(Drafter):
                             for net in (drafter, self.sampling_drafter))
 
     def start(self, prompt, cache):
-        """The prompt's features: one extra target forward over the prompt (generate's prefill
-        keeps only keys and values); every later feature comes free with verification (observe).
+        """The prompt's features, for sets that read them: one extra target forward over the prompt
+        (generate's prefill keeps only keys and values); every later feature comes free with
+        verification (observe).
         Then the prompt, x_t aside, goes into each set's own cache: a prefill with no [M]. Only
         one set drafts in a call (the temperature decides which), and only its cache is kept up."""
         if self.features:
