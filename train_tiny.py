@@ -33,8 +33,9 @@ from minispec.drafters.blockwise import (TEACHERS as HEAD_TEACHERS, head_accurac
 from minispec.drafters.consistency import save_plain_target, tune_consistency
 from minispec.drafters.draft_model import TEACHERS, train_draft_model
 from minispec.drafters.layerskip import SEARCH_FILE, save_search, train_layerskip
-from minispec.drafters.mask_drafter import (TEACHERS as MASK_TEACHERS, mask_agreement, mask_overlap, save_drafter,
-                                            train_mask_drafter)
+from minispec.drafters.mask_drafter import save_drafter
+from minispec.drafters.mask_training import (TEACHERS as MASK_TEACHERS, mask_agreement, mask_overlap,
+                                             train_mask_drafter)
 from minispec.errors import MinispecError
 from minispec.gpt2 import load_gpt2
 from minispec.model import GPT, GPTConfig

@@ -10,14 +10,14 @@ minispec's drafter is a decoder with a KV cache: the prefix rows are causal and 
 
 Paper: Xia, Ge, Wang, Chen, Wei & Sui, "Speculative Decoding: Exploiting Speculative Execution
 for Accelerating Seq2seq Generation" (SpecDec, Findings of EMNLP 2023).
-File: minispec/drafters/mask_drafter.py (the drafter, its masks, its training with glancing).
+Files: minispec/drafters/mask_drafter.py (the drafter and its masks), mask_training.py (its training, with glancing).
 """
 
 import torch
 
 from common import decode_prompts, label, lesson, prompts, run, section, show_mask, val_tokens
 from minispec import generate, make_drafter, masks
-from minispec.drafters.mask_drafter import mask_overlap, right_at_cuts
+from minispec.drafters.mask_training import mask_overlap, right_at_cuts
 from minispec.train import SAMPLE_T
 
 K = 4

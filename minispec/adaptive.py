@@ -163,7 +163,6 @@ class Adaptive(Drafter):
     def propose(self, seq, room, sampling):
         self.began = self.clock()
         self.depth = self.choose()
-        self.steady = self.kept_up or self.depth == 0  # nothing to catch up on: the step's time is k's cost
         self.chosen[self.depth] += 1
         draft = self.drafter.propose(seq, min(room, self.depth), sampling)
         self.drafted = max((len(path) - 1 for path in draft.paths), default=0)
@@ -177,9 +176,10 @@ class Adaptive(Drafter):
     def observe(self, step):
         self.drafter.observe(step)
         seconds, k = self.clock() - self.began, self.depth
-        self.retime = 0 if self.steady or self.first else k
+        steady = self.kept_up or k == 0  # nothing to catch up on: the step's time is k's cost
+        self.retime = 0 if steady or self.first else k
         self.kept_up = self.asked > 0
-        if self.steady and not self.first:
+        if steady and not self.first:
             self.timed += 1
             forget = DECAY ** (self.timed - self.timed_at[k])  # a cost forgets by time: the machine drifts
             self.weight[k] = forget * self.weight[k] + 1.0

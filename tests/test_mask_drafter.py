@@ -7,7 +7,7 @@ import torch
 
 import minispec
 from minispec import masks, speculative, train
-from minispec.drafters import mask_drafter
+from minispec.drafters import mask_drafter, mask_training
 from minispec.cudagraph import StaticForwards
 from minispec.kvcache import KVCache
 from tests.helpers import M_BLOCK_3_3, drawn, prompts, random_gpt
@@ -47,7 +47,7 @@ def test_one_training_forward_equals_one_drafting_step_per_cut():
     drafter = mask_drafter.SpecDrafter(minispec.GPTConfig(32, 11, 2, 2, 16), k_max=3).eval()
     x, feats = torch.randint(11, (2, 20)), torch.randn(2, 20, 16)
     cuts, k = torch.tensor([4, 9, 17]), 3
-    pos, offsets, mask, labels = mask_drafter.mask_token_batch(x, cuts, k)
+    pos, offsets, mask, labels = mask_training.mask_token_batch(x, cuts, k)
     together = drafter(x, feats, pos, offsets, mask)  # (2, 9, V)
     for j, r in enumerate(cuts.tolist()):
         alone = drafter(x[:, :r], feats[:, :r], torch.arange(r + k), torch.arange(k), masks.mask_token_block(r, k))
@@ -227,7 +227,7 @@ def test_online_drafts_equal_replayed_drafts_trained(k, tiny, tiny_ckpt):
             assert torch.equal(tokens, again.argmax(-1)), f"step at {len(seq)}"
             room = text.size(1) - len(seq)
             if room >= k:  # [M]_i's label: the token the target wrote at t+i
-                labels = mask_drafter.target_labels(text, y, torch.tensor([len(seq)]), k)[0]
+                labels = mask_training.target_labels(text, y, torch.tensor([len(seq)]), k)[0]
                 assert torch.equal(labels, text[0, len(seq):len(seq) + k])
 
 
