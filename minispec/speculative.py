@@ -203,12 +203,14 @@ def choose(draft, tokens, logits, sampling, top_beta=None):
     return accept_candidates(tokens, paths, p, sampling.generator)
 
 
-def prefill(model, cache, ids):
-    """Feed token ids (list) at positions and slots 0..n-1; return the forward's (logits, hidden)."""
+def prefill(model, cache, ids, start=0):
+    """Feed token ids (list) at positions and slots start..start+n-1, behind whatever the cache
+    holds before start, in one plain forward (never a recorded one: its length varies); return
+    the forward's (logits, hidden)."""
     n = len(ids)
-    pos = torch.arange(n, device=cache.kv.device)
+    pos = torch.arange(start, start + n, device=cache.kv.device)
     idx = torch.tensor([ids], device=cache.kv.device)
-    return model(idx, pos, masks.causal(n, cache.kv.device), cache, pos)
+    return model(idx, pos, masks.cached_block(start, masks.causal(n, cache.kv.device), start + n, cache.kv.device), cache, pos)
 
 
 def step(model, drafter, seq, cache, sampling, room, stats, eot=None, top_beta=None):

@@ -8,7 +8,7 @@ import minispec
 from minispec import cudagraph, masks
 from minispec.cudagraph import StaticForwards
 from minispec.kvcache import KVCache
-from minispec.speculative import generate
+from minispec.speculative import Drafter, generate
 from tests.helpers import prompts
 
 METHODS = list(minispec.METHODS)
@@ -31,6 +31,46 @@ def test_static_path_equals_plain_path(method, k, tiny, tiny_ckpt):
         plain = decode_all_prompts(model, tiny_ckpt, method, k, None, **sampling)
         assert decode_all_prompts(model, tiny_ckpt, method, k, static, **sampling) == plain, sampling
     assert static.recordings, "nothing went through the static path"
+
+
+class NowAndThen(Drafter):
+    """`inner`, drafting on every `every`-th step only and taking plain steps between, as --k auto
+    does while drafting does not pay: then a drafter with a cache of its own has a backlog to read."""
+
+    def __init__(self, inner, every):
+        self.inner, self.every, self.k = inner, every, inner.k
+
+    def start(self, prompt, cache):
+        self.steps = 0
+        self.inner.start(prompt, cache)
+
+    def propose(self, seq, room, sampling):
+        self.steps += 1
+        return self.inner.propose(seq, room if self.steps % self.every == 0 else 0, sampling)
+
+    def observe(self, step):
+        self.inner.observe(step)
+
+
+@pytest.mark.parametrize("method", ["draft_model", "mask"])
+def test_a_backlog_is_read_without_recording_a_forward_per_length(method, tiny, tiny_ckpt):
+    """A drafter that skipped steps reads the tokens accepted meanwhile before it drafts. Through
+    recorded forwards, every backlog length would be one more recording (a CUDA graph captured in
+    the middle of a timed run); as a plain prefill, the recorded block sizes stay those of drafting
+    on every step: the tokens one step can accept (1 or 2 that the draft model has not read yet;
+    up to k + 1 for mask). And the tokens stay the plain path's."""
+    model, _ = tiny
+    k, static = 3, StaticForwards(graphs=False)
+    for sampling in ({}, {"temperature": 1.0, "seed": 7}):
+        runs = {}
+        for forwards in (None, static):
+            drafter = NowAndThen(minispec.make_drafter(method, model, ckpt=tiny_ckpt, k=k), every=5)
+            runs[forwards] = [generate(model, p, 40, drafter, static=forwards, **sampling).tokens
+                              for p in prompts(tiny_ckpt, n=3)]
+        assert runs[static] == runs[None], sampling
+    own_caches = {id(cache) for _, cache in static.caches.values()} - {id(static.cache_for(model))}
+    sizes = {key[1] for key in static.recordings if key[0] in own_caches}
+    assert sizes and sizes <= ({1, 2} if method == "draft_model" else set(range(1, k + 2))), sizes
 
 
 def test_static_forward_reads_the_full_cache_width(tiny):

@@ -55,7 +55,11 @@ class DraftModel(Drafter):
     def _feed(self, ids, start):
         """Feed token ids at positions start.. (a draft, or the tokens accepted since the last drafting
         step: 1 or 2 when it drafts every step, more after steps that drafted nothing); return the
-        draft's logits after the last one (V,)."""
+        draft's logits after the last one (V,). A longer backlog goes in as a prefill first, so
+        that the forwards run through cudagraph (one recording per length) have 1 or 2 tokens."""
+        if len(ids) > 2:
+            prefill(self.draft, self.cache, ids[:-1], start)
+            ids, start = ids[-1:], start + len(ids) - 1
         device = self.cache.kv.device
         n = len(ids)
         pos = torch.arange(start, start + n, device=device)

@@ -24,7 +24,8 @@ Proposing: each step feeds the tokens accepted since the last step (x_t at least
 in one forward at slots fed..t+k. The [M]s' entries land in slots t+1..t+k; they are never kept:
 no later row sees them (a prefix row only sees slots before its own) and next step's accepted
 tokens overwrite them. So after every step the cache holds the accepted prefix exactly as a
-fresh prefill would (tests/test_mask_drafter.py checks this).
+fresh prefill would (tests/test_mask_drafter.py checks this). Under --k auto a step may draft
+nothing; the tokens accepted meanwhile then go in first, as a plain prefill.
 
 Optionally (features=True), the target's features, EAGLE-style (Li et al., ICML 2024): prefix
 row j also reads fuse(h_{j-1}), the target's final hidden state that predicted x_j. They cost
@@ -142,16 +143,24 @@ class MaskDrafter(Drafter):
         if self.features:
             ids = torch.tensor([prompt], device=self.feats.device)
             self.feats[:len(prompt)] = target_outputs(self.target, ids)[0][0]
-        n = len(prompt) - 1
-        pos = torch.arange(n, device=self.feats.device)
         self.caches = {}
         for net in (self.drafter, self.sampling_drafter):
             if net not in self.caches:
                 self.caches[net] = cudagraph.cache_like(cache, net.gpt)
-                if n:
-                    net(torch.tensor([prompt[:-1]], device=pos.device), self.feats[None, :n] if self.features else None,
-                        pos, pos[:0], masks.causal(n, pos.device), self.caches[net], pos)
-        self.fed = n  # the drafting set's cache holds seq[:fed]
+                self.prefill(net, prompt[:-1], 0)
+        self.fed = len(prompt) - 1  # the drafting set's cache holds seq[:fed]
+
+    def prefill(self, net, ids, start):
+        """Tokens ids at positions start.. into net's cache, with no [M]: a plain causal forward,
+        never a recorded one (its length varies)."""
+        if not ids:
+            return
+        device = self.feats.device
+        n = len(ids)
+        pos = torch.arange(start, start + n, device=device)
+        feats = self.feats[None, start:start + n] if self.features else None
+        mask = masks.cached_block(start, masks.causal(n, device), start + n, device)
+        net(torch.tensor([ids], device=device), feats, pos, pos[:0], mask, self.caches[net], pos)
 
     def observe(self, step):
         """The verification forward's hidden states at x_t and the accepted drafts are the
@@ -172,7 +181,10 @@ class MaskDrafter(Drafter):
         self.net = self.sampling_drafter if sampling.temperature else self.drafter
         self.cache = self.caches[self.net]
         device = self.cache.kv.device
-        new = seq[self.fed:]  # accepted tokens the cache lacks: x_t and those accepted last step
+        if len(seq) - self.fed > self.k + 1:  # more than one step can accept: steps drafted nothing in
+            self.prefill(self.net, seq[self.fed:-1], self.fed)  # between; all but x_t go in as a prefill,
+            self.fed = len(seq) - 1  # so that the drafting forward's block sizes stay bounded (cudagraph)
+        new = seq[self.fed:]  # accepted tokens the cache lacks: those accepted last step, x_t among them
         n = len(new)
         pos = torch.arange(self.fed, self.fed + n + k, device=device)  # [M]_i at t+i; slots == positions
         block = masks.mask_token_block(n, k, device)  # (n + k, n + k)
