@@ -207,10 +207,10 @@ def prefill(model, cache, ids, start=0):
     """Feed token ids (list) at positions and slots start..start+n-1, behind whatever the cache
     holds before start, in one plain forward (never a recorded one: its length varies); return
     the forward's (logits, hidden)."""
-    n = len(ids)
-    pos = torch.arange(start, start + n, device=cache.kv.device)
-    idx = torch.tensor([ids], device=cache.kv.device)
-    return model(idx, pos, masks.cached_block(start, masks.causal(n, cache.kv.device), start + n, cache.kv.device), cache, pos)
+    n, device = len(ids), cache.kv.device
+    pos = torch.arange(start, start + n, device=device)
+    mask = masks.cached_block(start, masks.causal(n, device), start + n, device)  # (n, start + n)
+    return model(torch.tensor([ids], device=device), pos, mask, cache, pos)
 
 
 def step(model, drafter, seq, cache, sampling, room, stats, eot=None, top_beta=None):

@@ -181,9 +181,9 @@ class MaskDrafter(Drafter):
         self.net = self.sampling_drafter if sampling.temperature else self.drafter
         self.cache = self.caches[self.net]
         device = self.cache.kv.device
-        if len(seq) - self.fed > self.k + 1:  # more than one step can accept: steps drafted nothing in
-            self.prefill(self.net, seq[self.fed:-1], self.fed)  # between; all but x_t go in as a prefill,
-            self.fed = len(seq) - 1  # so that the drafting forward's block sizes stay bounded (cudagraph)
+        if len(seq) - self.fed > self.k + 1:  # a backlog from steps that drafted nothing (--k auto):
+            self.prefill(self.net, seq[self.fed:-1], self.fed)  # all but x_t go in as a prefill, so the
+            self.fed = len(seq) - 1  # recorded forward below meets no block size a fixed k does not
         new = seq[self.fed:]  # accepted tokens the cache lacks: those accepted last step, x_t among them
         n = len(new)
         pos = torch.arange(self.fed, self.fed + n + k, device=device)  # [M]_i at t+i; slots == positions
