@@ -14,22 +14,9 @@ memory pools); gpt-fast (Meta, 2023) for the static KV cache.
 File: minispec/cudagraph.py (StaticForwards, run, forward, seconds_per_call).
 """
 
-import torch
-
-from common import lesson, prompts, run, section, show_mask
+from common import forward_ms, lesson, prompts, run, section, show_mask
 from minispec import StaticForwards, generate, make_drafter, masks
-from minispec.cudagraph import forward, seconds_per_call
 from minispec.kvcache import KVCache
-
-
-def forward_ms(model, cache, T, start=64, reps=100):
-    """Milliseconds per cached forward of T tokens at slot `start`, plain or static (the cache says)."""
-    idx = torch.zeros(1, T, dtype=torch.long, device=cache.kv.device)
-    pos = torch.arange(start, start + T, device=cache.kv.device)
-    mask = masks.cached_block(start, masks.causal(T), start + T, cache.kv.device)
-    def call():
-        forward(model, idx, pos, mask, cache, pos)[0].view(-1)[0].item()  # the host reads the result
-    return seconds_per_call(call, reps, rounds=3) * 1e3
 
 
 def main():

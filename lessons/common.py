@@ -20,6 +20,7 @@ sys.path.insert(0, str(ROOT))  # `python lessons/NN_....py` works from a clone w
 import minispec  # noqa: E402
 from minispec import checkpoint, masks  # noqa: E402
 from minispec.cli import run  # noqa: E402,F401  (the lessons' entry point: one-line errors, exit status 2)
+from minispec.cudagraph import forward, seconds_per_call  # noqa: E402
 
 OUT = ROOT / "out"  # what the lessons write
 DEFAULT = OUT / "tiny"
@@ -87,6 +88,17 @@ def decode_prompts(model, drafter, test_prompts, new_tokens=48):
         total.add(res.stats)
         same &= res.tokens == minispec.generate(model, p, new_tokens).tokens
     return total, same
+
+
+def forward_ms(model, cache, T, start=64, reps=100):
+    """Milliseconds per cached forward of T tokens at slot `start`, plain or static (the cache says)."""
+    idx = torch.zeros(1, T, dtype=torch.long, device=cache.kv.device)
+    pos = torch.arange(start, start + T, device=cache.kv.device)
+    mask = masks.cached_block(start, masks.causal(T), start + T, cache.kv.device)
+
+    def call():
+        forward(model, idx, pos, mask, cache, pos)[0].view(-1)[0].item()  # the host reads the result
+    return seconds_per_call(call, reps, rounds=3) * 1e3
 
 
 def section(title):

@@ -34,6 +34,8 @@ KEY_LINES = {  # lesson number -> patterns its output must match
     "08": [r"^ar +static tokens == plain tokens: True", r"^mask +static tokens == plain tokens: True",
            r"\d+ recordings", r"^T=1: plain \d\.\d+ ms"],
     "09": [r"every method identical to greedy: True", r"^ar +0 +0\.00 +1\.00", r"wrote out/lesson09\.html"],
+    "10": [r"^ +5 +\d+\.\d{3} +\d\.\d\d", r"costs \d\.\d\d one-token forwards", r"^c = \d+\.\d{3} ms a draft",
+           r"^ 0\.90( +\d+\.\d\d){8} +\d$", r"predicted \d+\.\d\dx from tau .* measured \d+\.\d\dx"],
 }
 
 
