@@ -77,7 +77,7 @@ import torch.nn.functional as F
 from .. import checkpoint, cudagraph, masks
 from ..errors import MinispecError
 from ..model import GPT
-from ..speculative import Draft, Drafter
+from ..speculative import Draft, Drafter, prefill
 
 class SpecDrafter(nn.Module):
     """A shallow GPT plus k_max learned [M] embeddings, [M]_i standing for "the token i ahead",
@@ -147,20 +147,16 @@ class MaskDrafter(Drafter):
         for net in (self.drafter, self.sampling_drafter):
             if net not in self.caches:
                 self.caches[net] = cudagraph.cache_like(cache, net.gpt)
-                self.prefill(net, prompt[:-1], 0)
+                self.prefill_cache(net, prompt[:-1], 0)
         self.fed = len(prompt) - 1  # the drafting set's cache holds seq[:fed]
 
-    def prefill(self, net, ids, start):
-        """Tokens ids at positions start.. into net's cache, with no [M]: a plain causal forward,
-        never a recorded one (its length varies)."""
-        if not ids:
-            return
-        device = self.feats.device
-        n = len(ids)
-        pos = torch.arange(start, start + n, device=device)
-        feats = self.feats[None, start:start + n] if self.features else None
-        mask = masks.cached_block(start, masks.causal(n, device), start + n, device)
-        net(torch.tensor([ids], device=device), feats, pos, pos[:0], mask, self.caches[net], pos)
+    def prefill_cache(self, net, ids, start):
+        """Tokens ids at positions start.. into net's cache, with their features and no [M]: the
+        loop's plain prefill (speculative.prefill), through the drafter's own forward."""
+        if ids:
+            feats = self.feats[None, start:start + len(ids)] if self.features else None
+            prefill(lambda idx, pos, mask, cache, slots: net(idx, feats, pos, pos[:0], mask, cache, slots),
+                    self.caches[net], ids, start)
 
     def observe(self, step):
         """The verification forward's hidden states at x_t and the accepted drafts are the
@@ -182,8 +178,8 @@ class MaskDrafter(Drafter):
         self.cache = self.caches[self.net]
         device = self.cache.kv.device
         if len(seq) - self.fed > self.k + 1:  # a backlog from steps that drafted nothing (--k auto):
-            self.prefill(self.net, seq[self.fed:-1], self.fed)  # all but x_t go in as a prefill, so the
-            self.fed = len(seq) - 1  # recorded forward below meets no block size a fixed k does not
+            self.prefill_cache(self.net, seq[self.fed:-1], self.fed)  # all but x_t go in as a prefill,
+            self.fed = len(seq) - 1  # so the recorded forward below meets no block size a fixed k does not
         new = seq[self.fed:]  # accepted tokens the cache lacks: those accepted last step, x_t among them
         n = len(new)
         pos = torch.arange(self.fed, self.fed + n + k, device=device)  # [M]_i at t+i; slots == positions
