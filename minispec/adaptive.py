@@ -38,8 +38,11 @@ Lossless by construction: k is chosen from earlier steps only, never from the ta
 for this step, and for ANY k the step is an exact speculative step. So greedy output stays
 token-identical and sampling keeps the target's distribution, whatever k is chosen when.
 
-Measuring costs a little: the first k_max + 1 timed steps draft at depths 0, 1, ..., k_max once
-each (so that every depth has a cost), and every EXPLORE-th step drafts one token deeper than
+Measuring costs a little: the first timed steps draft at depths 0, 1, ..., `first` once each
+(so that every depth up to it has a cost; `first` defaults to k_max). A depth past `first` is
+first drafted when the deepest depth timed so far is the best: the next step then drafts one
+deeper, and so on while deeper pays, so a drafter that is right for long stretches may draft to
+k_max, while one that is not never pays for timing depths it will not choose. Then every EXPLORE-th step drafts one token deeper than
 the choice, or one shallower (in turn), so that depths not chosen lately are still measured;
 every TO_ZERO-th shallower one drafts nothing at all. A cost is only measured again when its depth
 is drafted, so without that a too-high timing of the autoregressive step (a noisy first
@@ -80,9 +83,10 @@ class Adaptive(Drafter):
     """`drafter` with its draft depth chosen before every step, up to k_max (default drafter.k).
     clock: the timer (tests give a fake one, so that the choices are reproducible)."""
 
-    def __init__(self, drafter, k_max=None, clock=time.perf_counter):
+    def __init__(self, drafter, k_max=None, first=None, clock=time.perf_counter):
         self.drafter, self.clock = drafter, clock
         self.k = drafter.k if k_max is None else k_max
+        self.first_k = self.k if first is None else min(first, self.k)  # the depths the first steps time
         # per depth, decayed counts of drafts tried and accepted, after a step that was not (0)
         # or was (1) accepted in full
         self.tried = [[0.0] * self.k for _ in range(2)]
@@ -135,8 +139,9 @@ class Adaptive(Drafter):
 
     def seconds(self):
         """[the expected wall time of a step drafting k deep for k = 0..k_max]: the mean of the
-        steps timed at k. choose asks only after the first sweep, which times every depth."""
-        return [spent / weight for spent, weight in zip(self.spent, self.weight)]
+        steps timed at k; infinite for a depth never timed (past `first`), which is never best.
+        choose asks only after the first sweep, which times every depth up to `first`."""
+        return [spent / weight if weight else float("inf") for spent, weight in zip(self.spent, self.weight)]
 
     def best(self, hot=None):
         """The depth with the most expected tokens per second, in state `hot` (default: the current one)."""
@@ -144,7 +149,7 @@ class Adaptive(Drafter):
         return speed.index(max(speed))
 
     def choose(self):
-        if self.timed <= self.k:  # the first timed steps: every depth once
+        if self.timed <= self.first_k:  # the first timed steps: every depth up to `first` once
             return self.timed
         if self.idle and self.depth == 0 and self.steps % IDLE_EXPLORE:
             return 0  # nothing drafted since not drafting was chosen: only its own cost has moved (see above)
@@ -152,6 +157,8 @@ class Adaptive(Drafter):
         self.idle = best == 0 and self.best(1 - self.hot) == 0  # in neither state does drafting pay
         if best == 0 and self.retime:
             return self.retime  # the last step drafted after steps that did not, untimed: time its depth
+        if best < self.k and not self.weight[best + 1]:
+            return best + 1  # the deepest depth timed is the best: time the next one (see above)
         every = IDLE_EXPLORE if self.idle else EXPLORE
         if self.steps % every:
             return best

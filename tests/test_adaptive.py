@@ -47,14 +47,15 @@ def model():
     return random_gpt(vocab_size=50, scale=3.0, seed=4, block_size=256)
 
 
-def adaptive_run(model, right, kind=Scripted, n_new=200):
+def adaptive_run(model, right, kind=Scripted, n_new=200, first=None):
     """Greedy decoding with Adaptive around a `kind` drafter (a Scripted one) on the fake clock;
-    right=False hands it a token that greedy decoding never writes."""
+    right=False hands it a token that greedy decoding never writes. first: the depths the first
+    steps time (Adaptive's default: all)."""
     prompt = [1, 2, 3]
     greedy = generate(model, prompt, n_new).tokens
     wrong = next(t for t in range(model.config.vocab_size) if t not in greedy)
     clock = FakeClock()
-    drafter = Adaptive(kind(clock, greedy, len(prompt), None if right else wrong), clock=clock)
+    drafter = Adaptive(kind(clock, greedy, len(prompt), None if right else wrong), first=first, clock=clock)
     res = generate(model, prompt, n_new, drafter)
     assert res.tokens == greedy  # whatever it chose, the output is greedy decoding's
     return drafter, res
@@ -199,6 +200,23 @@ def test_a_drafter_that_is_always_right_drafts_as_deep_as_it_may(model):
     # drafting, untimed) and the exploring steps
     assert drafter.chosen[k] >= sum(drafter.chosen) - (k + 2) - sum(drafter.chosen) // EXPLORE, "sweep and exploring"
     assert res.stats.tau > k - 0.25  # k drafts and the bonus on almost every step (the sweep drafts less)
+
+
+def test_past_the_first_depths_it_drafts_deeper_one_depth_at_a_time_while_deeper_pays(model):
+    """The first steps time depths 0..3 only; always right, the deepest of them is the best, so
+    each deeper depth is drafted (and timed) in turn, up to k, where it then stays."""
+    drafter, res = adaptive_run(model, right=True, first=3)
+    k = drafter.k
+    assert k > 4
+    assert all(drafter.chosen[depth] >= 1 for depth in range(4, k)), "a depth past the first ones was skipped"
+    assert drafter.chosen[k] >= sum(drafter.chosen) - (k + 2) - sum(drafter.chosen) // EXPLORE, "not as deep as it may"
+    assert drafter.seconds()[4:k] == pytest.approx([1.0 + 0.3 * depth for depth in range(4, k)])  # each timed
+
+
+def test_a_drafter_that_is_never_right_never_drafts_past_the_first_depths(model):
+    drafter, res = adaptive_run(model, right=False, first=3)
+    assert drafter.chosen[4:] == [0] * (drafter.k - 3)
+    assert drafter.seconds()[4:] == [float("inf")] * (drafter.k - 3)  # never timed: never the best
 
 
 def test_it_is_the_wrapped_drafter_for_what_it_does_not_change(model):

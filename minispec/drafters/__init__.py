@@ -3,7 +3,8 @@
 Every method in METHODS goes through the same tests (tests/test_methods.py) and the same
 benchmark (decode.py --method all), so a new drafter cannot skip either. "ar" is plain
 autoregressive decoding: no drafter at all. k="auto" wraps a method's drafter, built for
-k = AUTO_K_MAX, in adaptive.Adaptive: its depth is then chosen before every step.
+k = AUTO_K_MAX, in adaptive.Adaptive: its depth is then chosen before every step, among depths
+0..AUTO_K_FIRST at first and deeper only while the deepest measured is the best.
 """
 
 import torch
@@ -22,7 +23,9 @@ METHODS = {
     "earlyexit": layerskip.make_earlyexit,
     "mask": mask_drafter.make,
 }
-AUTO_K_MAX = 8  # the deepest draft k="auto" may choose
+AUTO_K_MAX = 12  # the deepest draft k="auto" may choose ...
+AUTO_K_FIRST = 8  # ... once depths 0..8, all timed first, found the deepest of them the best
+SHAPED_BY_K = {"lookahead"}  # whose block, not only its depth, is built for k: "auto" builds them for AUTO_K_FIRST
 
 
 def make_drafter(name, model, ckpt=None, k=4, untrained=False, **options):
@@ -42,5 +45,7 @@ def make_drafter(name, model, ckpt=None, k=4, untrained=False, **options):
         return None
     with torch.random.fork_rng():  # untrained weights are the same every time; the caller's RNG is untouched
         torch.manual_seed(0)
-        drafter = factory(model, ckpt=ckpt, k=AUTO_K_MAX if k == "auto" else k, untrained=untrained, **options)
-    return Adaptive(drafter, AUTO_K_MAX) if k == "auto" else drafter
+        if k == "auto":
+            k = AUTO_K_FIRST if name in SHAPED_BY_K else AUTO_K_MAX
+            return Adaptive(factory(model, ckpt=ckpt, k=k, untrained=untrained, **options), first=AUTO_K_FIRST)
+        return factory(model, ckpt=ckpt, k=k, untrained=untrained, **options)
