@@ -48,3 +48,18 @@ def test_tree_keeps_the_likeliest_nodes_and_each_sees_its_ancestors():
                              [1, 1, 0, 0, 1]],  # (0, 1)
                             dtype=torch.bool)
     assert torch.equal(draft.mask, expected)
+
+
+def test_a_tree_allowed_deeper_than_it_reaches_runs_only_the_heads_it_reads(tiny, tiny_ckpt):
+    """8 nodes reach at most 8 deep, so at k = 12 the heads past the tree's depth are not run, and
+    the tree's tokens are what running all 12 heads gives."""
+    model, _ = tiny
+    drafter = minispec.make_drafter("blockwise", model, ckpt=tiny_ckpt, k=12)
+    assert drafter.heads_read[12] <= 8 < 12
+    all_heads = minispec.make_drafter("blockwise", model, ckpt=tiny_ckpt, k=12)
+    all_heads.heads_read = list(range(13))
+    greedy, generator = minispec.Sampling(), torch.Generator().manual_seed(0)
+    seq = [10, 11, 12, 13] + generate(model, [10, 11, 12, 13], 12).tokens
+    for cut in range(5, len(seq)):  # any hidden state: the two must agree
+        drafter.hidden = all_heads.hidden = torch.randn(model.config.n_embd, generator=generator)
+        assert torch.equal(drafter.propose(seq[:cut], 12, greedy).tokens, all_heads.propose(seq[:cut], 12, greedy).tokens)

@@ -145,6 +145,9 @@ class Blockwise(Drafter):
         # the best tree of each depth up to k: a step with less room (or a shorter chosen draft) gets
         # the best shallower tree, not the deep one cut short
         self.trees = [None] + [tree_draft(tree_nodes(acc, depth, tree_size)) for depth in range(1, self.k + 1)]
+        # how many heads each tree reads: tree_size nodes reach at most tree_size deep, so a tree
+        # allowed deeper is no deeper, and the heads past its depth need not run
+        self.heads_read = [0] + [int(tree.depth.max()) for tree, _, _ in self.trees[1:]]
         self.hidden = None  # the target's hidden state at the last accepted token
 
     def start(self, prompt, cache):
@@ -159,8 +162,8 @@ class Blockwise(Drafter):
         k = min(self.k, room)
         if sampling.temperature == 0:  # the best tree of depth k
             tree, node_head, node_rank = self.trees[k]
-            logits = head_logits(self.heads, self.target, self.hidden, tokens, k)  # (k, V)
-            top = logits.topk(RANKS, -1).indices.cpu()  # (k, RANKS)
+            logits = head_logits(self.heads, self.target, self.hidden, tokens, self.heads_read[k])  # (n, V)
+            top = logits.topk(RANKS, -1).indices.cpu()  # (n, RANKS) n <= k
             return replace(tree, tokens=top[node_head, node_rank])
         logits = head_logits(self.sampling_heads, self.target, self.hidden, tokens, k)  # (k, V)
         return Draft.chain(*sampling.draw(logits))  # q (k, V): each head's own
