@@ -42,9 +42,10 @@ Measuring costs a little: the first timed steps draft at depths 0, 1, ..., `firs
 (so that every depth up to it has a cost; `first` defaults to k_max). A depth past `first` is
 first drafted when the deepest depth timed so far is the best: the next step then drafts one
 deeper, and so on while deeper pays, so a drafter that is right for long stretches may draft to
-k_max, while one that is not never pays for timing depths it will not choose. Then every EXPLORE-th step drafts one token deeper than
-the choice, or one shallower (in turn), so that depths not chosen lately are still measured;
-every TO_ZERO-th shallower one drafts nothing at all. A cost is only measured again when its depth
+k_max, while one that is not never pays for timing depths it will not choose. Then every
+EXPLORE-th step drafts one token deeper than the choice, or one shallower (in turn), so that
+depths not chosen lately are still measured; every TO_ZERO-th shallower one drafts nothing at
+all. A cost is only measured again when its depth
 is drafted, so without that a too-high timing of the autoregressive step (a noisy first
 measurement, the machine busy for a moment) would keep a drafter that never pays from ever
 going back to it. While the choice is 0 (no depth pays) only every IDLE_EXPLORE-th step
