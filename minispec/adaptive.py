@@ -38,26 +38,26 @@ Lossless by construction: k is chosen from earlier steps only, never from the ta
 for this step, and for ANY k the step is an exact speculative step. So greedy output stays
 token-identical and sampling keeps the target's distribution, whatever k is chosen when.
 
-Measuring costs a little: the first timed steps draft at depths 0, 1, ..., `first` once each
-(so that every depth up to it has a cost; `first` defaults to k_max). A depth past `first` is
-first drafted when the deepest depth timed so far is the best: the next step then drafts one
-deeper, and so on while deeper pays, so a drafter that is right for long stretches may draft to
-k_max, while one that is not never pays for timing depths it will not choose. Then every
-EXPLORE-th step drafts one token deeper than the choice, or one shallower (in turn), so that
-depths not chosen lately are still measured; every TO_ZERO-th shallower one drafts nothing at
-all. A cost is only measured again when its depth
-is drafted, so without that a too-high timing of the autoregressive step (a noisy first
-measurement, the machine busy for a moment) would keep a drafter that never pays from ever
-going back to it. While the choice is 0 (no depth pays) only every IDLE_EXPLORE-th step
-drafts: such a draft costs a whole step's extra work and is seldom right. Between those steps
-the choice is not worked out again: nothing was drafted, so only the cost of not drafting has
-moved (a change of choice that alone would bring waits for the next exploring step). That holds only
-while drafting pays in neither state: where it pays after a fully accepted step (blockwise heads
-in a loop), the choice is worked out on every step and exploring stays at every EXPLORE-th step,
-so that a loop coming back is found soon. A step that drafts nothing leaves the state as it was:
-it says nothing of the drafter. A drafter that is never right ends up taking autoregressive
-steps, and pays only for those exploring steps. k = 0 calls the drafter's propose with room 0,
-which every drafter answers at once with an empty draft.
+Measuring costs a little: the first timed steps draft at depths 0, 1, ..., `first` once each (so
+that every depth up to it has a cost; `first` defaults to k_max). A depth past `first` is first
+drafted when the deepest depth timed so far is the best: the next step then drafts one deeper,
+and so on while deeper pays, so a drafter that is right for long stretches may draft to k_max,
+while one that is not never pays for timing depths it will not choose. Then every EXPLORE-th
+step drafts one token deeper than the choice, or one shallower (in turn), so that depths not
+chosen lately are still measured; every TO_ZERO-th shallower one drafts nothing at all. A cost
+is only measured again when its depth is drafted, so without that a too-high timing of the
+autoregressive step (a noisy first measurement, the machine busy for a moment) would keep a
+drafter that never pays from ever going back to it. While the choice is 0 (no depth pays) only
+every IDLE_EXPLORE-th step drafts: such a draft costs a whole step's extra work and is seldom
+right. Between those steps the choice is not worked out again: nothing was drafted, so only the
+cost of not drafting has moved (a change of choice that alone would bring waits for the next
+exploring step). That holds only while drafting pays in neither state: where it pays after a
+fully accepted step (blockwise heads in a loop), the choice is worked out on every step and
+exploring stays at every EXPLORE-th step, so that a loop coming back is found soon. A step that
+drafts nothing leaves the state as it was: it says nothing of the drafter. A drafter that is
+never right ends up taking autoregressive steps, and pays only for those exploring steps. k = 0
+calls the drafter's propose with room 0, which every drafter answers at once with an empty
+draft.
 
 A step is timed only where its cost is what drafting k deep on every step would cost. A drafter
 with a cache of its own (the draft model, the [M] drafter) reads the tokens accepted since it
