@@ -38,21 +38,21 @@ Lossless by construction: k is chosen from earlier steps only, never from the ta
 for this step, and for ANY k the step is an exact speculative step. So greedy output stays
 token-identical and sampling keeps the target's distribution, whatever k is chosen when.
 
-Measuring costs a little: the first timed steps draft at depths 0, 1, ..., `first` once each (so
-that every depth up to it has a cost; `first` defaults to k_max). A depth past `first` is first
-drafted when the deepest depth timed so far is the best: the next step then drafts one deeper,
-and so on while deeper pays, so a drafter that is right for long stretches may draft to k_max,
-while one that is not never pays for timing depths it will not choose. Then every EXPLORE-th
-step drafts one token deeper than the choice, or one shallower (in turn), so that depths not
-chosen lately are still measured; every TO_ZERO-th shallower one drafts nothing at all. A cost
-is only measured again when its depth is drafted, so without that a too-high timing of the
-autoregressive step (a noisy first measurement, the machine busy for a moment) would keep a
-drafter that never pays from ever going back to it. While the choice is 0 (no depth pays) only
-every IDLE_EXPLORE-th step drafts: such a draft costs a whole step's extra work and is seldom
-right. Between those steps the choice is not worked out again: nothing was drafted, so only the
-cost of not drafting has moved (a change of choice that alone would bring waits for the next
-exploring step). That holds only while drafting pays in neither state: where it pays after a
-fully accepted step (blockwise heads in a loop), the choice is worked out on every step and
+Measuring costs a little: the first timed steps draft at depths 0, 1, ..., `sweep` once each (so
+that every depth up to it has a cost; `sweep` defaults to k_max). A depth past `sweep` is first
+drafted when the deepest depth timed so far is the best: that step drafts one deeper, and so on
+while deeper pays, so a drafter that is right for long stretches may draft to k_max, while one
+for which depth `sweep` is never the best never pays for timing depths it will not choose. Then
+every EXPLORE-th step drafts one token deeper than the choice, or one shallower (in turn), so
+that depths not chosen lately are still measured; every TO_ZERO-th shallower one drafts nothing
+at all. A cost is only measured again when its depth is drafted, so without that a too-high
+timing of the autoregressive step (a noisy first measurement, the machine busy for a moment)
+would keep a drafter that never pays from ever going back to it. While the choice is 0 (no depth
+pays) only every IDLE_EXPLORE-th step drafts: such a draft costs a whole step's extra work and
+is seldom right. Between those steps the choice is not worked out again: nothing was drafted, so
+only the cost of not drafting has moved (a change of choice that alone would bring waits for the
+next exploring step). That holds only while drafting pays in neither state: where it pays after
+a fully accepted step (blockwise heads in a loop), the choice is worked out on every step and
 exploring stays at every EXPLORE-th step, so that a loop coming back is found soon. A step that
 drafts nothing leaves the state as it was: it says nothing of the drafter. A drafter that is
 never right ends up taking autoregressive steps, and pays only for those exploring steps. k = 0
@@ -63,10 +63,11 @@ A step is timed only where its cost is what drafting k deep on every step would 
 with a cache of its own (the draft model, the [M] drafter) reads the tokens accepted since it
 last drafted before it drafts: after a run of steps that drafted nothing, that is every one of
 them, a one-off cost a drafter drafting every step never pays. Timed, it made every depth look
-dearer than it is, and not drafting, once chosen, kept itself chosen. So a step that drafts right
-after one that did not is not timed, and when the choice is then not to draft, its depth is
-drafted once more, and that step is timed. So an exploring step while not drafting is chosen
-drafts twice in a row, for every drafter: the wrapper cannot tell which ones catch up.
+dearer than it is, and not drafting, once chosen, kept itself chosen. So a step that drafts
+right after one that did not is not timed, and when the choice is then not to draft, its depth
+is drafted once more, and that step is timed. So an exploring step while not drafting is chosen
+drafts twice in a row, for every drafter: the wrapper cannot tell which ones catch up. A step
+whose draft the end of the text cut short is not timed either: it cost less than k's.
 """
 
 import time
@@ -82,12 +83,14 @@ PRIOR = 2.0  # how many tries the prior on a depth's acceptance is worth
 
 class Adaptive(Drafter):
     """`drafter` with its draft depth chosen before every step, up to k_max (default drafter.k).
-    clock: the timer (tests give a fake one, so that the choices are reproducible)."""
+    sweep: the first steps time depths 0..sweep (default k_max); a deeper one is timed, one at a
+    time, when the deepest timed is the best. clock: the timer (tests give a fake one, so that
+    the choices are reproducible)."""
 
-    def __init__(self, drafter, k_max=None, first=None, clock=time.perf_counter):
+    def __init__(self, drafter, k_max=None, sweep=None, clock=time.perf_counter):
         self.drafter, self.clock = drafter, clock
         self.k = drafter.k if k_max is None else k_max
-        self.first_k = self.k if first is None else min(first, self.k)  # the depths the first steps time
+        self.sweep = self.k if sweep is None else min(sweep, self.k)  # the deepest depth the first steps time
         # per depth, decayed counts of drafts tried and accepted, after a step that was not (0)
         # or was (1) accepted in full
         self.tried = [[0.0] * self.k for _ in range(2)]
@@ -140,8 +143,8 @@ class Adaptive(Drafter):
 
     def seconds(self):
         """[the expected wall time of a step drafting k deep for k = 0..k_max]: the mean of the
-        steps timed at k; infinite for a depth never timed (past `first`), which is never best.
-        choose asks only after the first sweep, which times every depth up to `first`."""
+        steps timed at k; infinite for a depth never timed (past `sweep`), which is never best.
+        choose asks only after the first sweep, which times every depth up to `sweep`."""
         return [spent / weight if weight else float("inf") for spent, weight in zip(self.spent, self.weight)]
 
     def best(self, hot=None):
@@ -150,7 +153,7 @@ class Adaptive(Drafter):
         return speed.index(max(speed))
 
     def choose(self):
-        if self.timed <= self.first_k:  # the first timed steps: every depth up to `first` once
+        if self.timed <= self.sweep:  # the first timed steps: every depth up to `sweep` once
             return self.timed
         if self.idle and self.depth == 0 and self.steps % IDLE_EXPLORE:
             return 0  # nothing drafted since not drafting was chosen: only its own cost has moved (see above)
@@ -187,7 +190,7 @@ class Adaptive(Drafter):
         steady = self.kept_up or k == 0  # nothing to catch up on: the step's time is k's cost
         self.retime = 0 if steady or self.first else k
         self.kept_up = self.asked > 0
-        if steady and not self.first:
+        if steady and not self.first and self.asked == k:  # a draft the end of the text cut short costs less
             self.timed += 1
             forget = DECAY ** (self.timed - self.timed_at[k])  # a cost forgets by time: the machine drifts
             self.weight[k] = forget * self.weight[k] + 1.0

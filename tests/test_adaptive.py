@@ -47,15 +47,16 @@ def model():
     return random_gpt(vocab_size=50, scale=3.0, seed=4, block_size=256)
 
 
-def adaptive_run(model, right, kind=Scripted, n_new=200, first=None):
+def adaptive_run(model, right, kind=Scripted, n_new=200, sweep=None):
     """Greedy decoding with Adaptive around a `kind` drafter (a Scripted one) on the fake clock;
-    right=False hands it a token that greedy decoding never writes. first: the depths the first
-    steps time (Adaptive's default: all)."""
+    right=False hands it a token that greedy decoding never writes. sweep: the deepest depth the
+    first steps time (Adaptive's default: all)."""
     prompt = [1, 2, 3]
     greedy = generate(model, prompt, n_new).tokens
     wrong = next(t for t in range(model.config.vocab_size) if t not in greedy)
     clock = FakeClock()
-    drafter = Adaptive(kind(clock, greedy, len(prompt), None if right else wrong), first=first, clock=clock)
+    drafter = Adaptive(kind(clock, greedy, len(prompt), None if right else wrong), sweep=sweep,
+                       clock=clock)
     res = generate(model, prompt, n_new, drafter)
     assert res.tokens == greedy  # whatever it chose, the output is greedy decoding's
     return drafter, res
@@ -205,16 +206,20 @@ def test_a_drafter_that_is_always_right_drafts_as_deep_as_it_may(model):
 def test_past_the_first_depths_it_drafts_deeper_one_depth_at_a_time_while_deeper_pays(model):
     """The first steps time depths 0..3 only; always right, the deepest of them is the best, so
     each deeper depth is drafted (and timed) in turn, up to k, where it then stays."""
-    drafter, res = adaptive_run(model, right=True, first=3)
-    k = drafter.k
+    drafter, res = adaptive_run(model, right=True, sweep=3)
+    k, steps = drafter.k, sum(drafter.chosen)
     assert k > 4
     assert all(drafter.chosen[depth] >= 1 for depth in range(4, k)), "a depth past the first ones was skipped"
-    assert drafter.chosen[k] >= sum(drafter.chosen) - (k + 2) - sum(drafter.chosen) // EXPLORE, "not as deep as it may"
-    assert drafter.seconds()[4:k] == pytest.approx([1.0 + 0.3 * depth for depth in range(4, k)])  # each timed
+    # shallower than k: the first step, the sweep's 3 + 1 (depth 1 twice), depths 4..k-1 once, exploring
+    shallower = 1 + (3 + 2) + (k - 4)
+    assert drafter.chosen[k] >= steps - shallower - steps // EXPLORE, "not as deep as it may"
+    # each timed, and only by steps that drafted that deep (the end of the text cuts the last ones short)
+    assert drafter.seconds()[4:] == pytest.approx([1.0 + 0.3 * depth for depth in range(4, k + 1)])
 
 
 def test_a_drafter_that_is_never_right_never_drafts_past_the_first_depths(model):
-    drafter, res = adaptive_run(model, right=False, first=3)
+    """Depth 3, the deepest of the first ones, is never the best: nothing deeper is drafted or timed."""
+    drafter, res = adaptive_run(model, right=False, sweep=3)
     assert drafter.chosen[4:] == [0] * (drafter.k - 3)
     assert drafter.seconds()[4:] == [float("inf")] * (drafter.k - 3)  # never timed: never the best
 

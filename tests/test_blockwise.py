@@ -58,8 +58,13 @@ def test_a_tree_allowed_deeper_than_it_reaches_runs_only_the_heads_it_reads(tiny
     assert drafter.heads_read[12] <= 8 < 12
     all_heads = minispec.make_drafter("blockwise", model, ckpt=tiny_ckpt, k=12)
     all_heads.heads_read = list(range(13))
+    ran = []  # how many heads each call of the drafter's heads runs
+    heads_forward = drafter.heads.forward
+    drafter.heads.forward = lambda h, e, n=None: ran.append(n) or heads_forward(h, e, n)
     greedy, generator = minispec.Sampling(), torch.Generator().manual_seed(0)
     seq = [10, 11, 12, 13] + generate(model, [10, 11, 12, 13], 12).tokens
     for cut in range(5, len(seq)):  # any hidden state: the two must agree
         drafter.hidden = all_heads.hidden = torch.randn(model.config.n_embd, generator=generator)
-        assert torch.equal(drafter.propose(seq[:cut], 12, greedy).tokens, all_heads.propose(seq[:cut], 12, greedy).tokens)
+        tokens = drafter.propose(seq[:cut], 12, greedy).tokens
+        assert torch.equal(tokens, all_heads.propose(seq[:cut], 12, greedy).tokens)
+    assert set(ran) == {drafter.heads_read[12]}

@@ -3,8 +3,9 @@
 Every method in METHODS goes through the same tests (tests/test_methods.py) and the same
 benchmark (decode.py --method all), so a new drafter cannot skip either. "ar" is plain
 autoregressive decoding: no drafter at all. k="auto" wraps a method's drafter, built for
-k = AUTO_K_MAX, in adaptive.Adaptive: its depth is then chosen before every step, among depths
-0..AUTO_K_FIRST at first and deeper only while the deepest measured is the best.
+k = AUTO_K_MAX (those in SHAPED_BY_K for AUTO_K_SWEEP), in adaptive.Adaptive: its depth is then
+chosen before every step, among depths 0..AUTO_K_SWEEP at first and deeper only while the
+deepest timed is the best.
 """
 
 import torch
@@ -23,9 +24,9 @@ METHODS = {
     "earlyexit": layerskip.make_earlyexit,
     "mask": mask_drafter.make,
 }
-AUTO_K_MAX = 12  # the deepest draft k="auto" may choose ...
-AUTO_K_FIRST = 8  # ... once depths 0..8, all timed first, found the deepest of them the best
-SHAPED_BY_K = {"lookahead"}  # whose block, not only its depth, is built for k: "auto" builds them for AUTO_K_FIRST
+AUTO_K_MAX = 12  # the deepest draft k="auto" may choose
+AUTO_K_SWEEP = 8  # depths it times first; deeper ones only while the deepest timed is the best
+SHAPED_BY_K = {"lookahead"}  # whose whole block, not only its depth, is built for k (its n-grams)
 
 
 def make_drafter(name, model, ckpt=None, k=4, untrained=False, **options):
@@ -46,6 +47,7 @@ def make_drafter(name, model, ckpt=None, k=4, untrained=False, **options):
     with torch.random.fork_rng():  # untrained weights are the same every time; the caller's RNG is untouched
         torch.manual_seed(0)
         if k == "auto":
-            k = AUTO_K_FIRST if name in SHAPED_BY_K else AUTO_K_MAX
-            return Adaptive(factory(model, ckpt=ckpt, k=k, untrained=untrained, **options), first=AUTO_K_FIRST)
+            built_for = AUTO_K_SWEEP if name in SHAPED_BY_K else AUTO_K_MAX
+            drafter = factory(model, ckpt=ckpt, k=built_for, untrained=untrained, **options)
+            return Adaptive(drafter, sweep=AUTO_K_SWEEP)
         return factory(model, ckpt=ckpt, k=k, untrained=untrained, **options)

@@ -24,7 +24,7 @@ The heads. Head i maps (h, e) to h + W_i [h; e] + b_i and then through the targe
 frozen) vocabulary projection, where e holds the embeddings of the newest N_TOKENS tokens:
 x_{t+1} (the target's own choice after h_t, known when the heads run) and the 4 before it. W_i
 starts at zero, so every head starts as the LM head. All k heads are ONE batched matmul, a
-fraction of a one-token target forward. Why this form, measured by tau while building it: the
+fraction of a one-token target forward (greedy decoding runs only the heads its tree reads). Why this form, measured by tau while building it: the
 target's greedy text falls into loops ("tititi", "_CUT_CUT"), and a LINEAR head that sees the
 newest tokens can copy a token it sees, which generalises to tokens it rarely trained on; Medusa's
 h + SiLU(W h) block (the SiLU zeroes half its inputs), a head that reads h alone and a two-layer
@@ -94,7 +94,7 @@ class Heads(nn.Module):
         self.bias = nn.Parameter(torch.zeros(n_heads, 1, n_embd))
 
     def forward(self, h, e, n=None):  # h (..., C), e (..., n_tokens, C) -> (n, ..., C): the first n heads
-        C, n = h.size(-1), n or len(self.weight)
+        C, n = h.size(-1), len(self.weight) if n is None else n
         x = torch.cat([h, e.flatten(-2)], -1).reshape(1, -1, self.weight.size(1))  # (1, N, (1+n_tokens)C)
         out = h.reshape(1, -1, C) + torch.baddbmm(self.bias[:n], x.expand(n, -1, -1), self.weight[:n])
         return out.view(n, *h.shape)
@@ -147,7 +147,7 @@ class Blockwise(Drafter):
         self.trees = [None] + [tree_draft(tree_nodes(acc, depth, tree_size)) for depth in range(1, self.k + 1)]
         # how many heads each tree reads: tree_size nodes reach at most tree_size deep, so a tree
         # allowed deeper is no deeper, and the heads past its depth need not run
-        self.heads_read = [0] + [int(tree.depth.max()) for tree, _, _ in self.trees[1:]]
+        self.heads_read = [0] + [max(tree.depth.tolist(), default=0) for tree, _, _ in self.trees[1:]]
         self.hidden = None  # the target's hidden state at the last accepted token
 
     def start(self, prompt, cache):
