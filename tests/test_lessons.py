@@ -36,6 +36,8 @@ KEY_LINES = {  # lesson number -> patterns its output must match
     "09": [r"every method identical to greedy: True", r"^ar +0 +0\.00 +1\.00", r"wrote out/lesson09\.html"],
     "10": [r"^ +5 +\d+\.\d{3} +\d\.\d\d", r"costs \d\.\d\d one-token forwards", r"^c = \d+\.\d{3} ms a draft",
            r"^ 0\.90( +\d+\.\d\d){8} +\d$", r"predicted \d+\.\d\dx from tau .* measured \d+\.\d\dx"],
+    "11": [r"tokens identical to plain greedy decoding: True", r"^ +0 +1\.00 +1\.00 +\d+\.\d{3} ",
+           r"<- the choice now$", r"never right: \d+ of \d+ steps drafted nothing"],
 }
 
 
@@ -60,6 +62,9 @@ def test_lesson_runs(path, tiny_ckpt):
         assert re.search(pattern, out, re.M), f"{path.name} should print a line matching {pattern!r}"
     if path.name.startswith("01"):
         assert float(re.search(r"logit difference\| over \d+ steps = (\S+)", out).group(1)) < 1e-4
+    if path.name.startswith("11"):  # a drafter that is never right ends up taking autoregressive steps
+        nothing, steps = map(int, re.search(r"never right: (\d+) of (\d+) steps", out).groups())
+        assert nothing > 0.8 * steps
     if path.name.startswith("03"):  # the sampling experiment: right rule ~ p, the bug far from it
         rows = dict(re.findall(r"^(\w[\w ()+:]*?) {2,}(\d\.\d+ +\d\.\d+ +\d\.\d+)$", out, re.M))
         for drafter in ("trained draft model", "random draft model (poor)"):
