@@ -28,7 +28,6 @@ import torch
 import minispec
 from minispec import MinispecError, bench, checkpoint, html_report
 from minispec.cli import Parser, pick_device, run, set_threads, threads_flag, write_text
-from minispec.drafters import AUTO_K_SWEEP
 
 # With --gpt2 there are no held-out prompts stored with the model: these are the default.
 GPT2_PROMPTS = ["The meaning of life is", "Once upon a time, there was a", "The capital of France is",
@@ -160,8 +159,8 @@ def main():
     ap.add_argument("--prompt", default=None, help="text to continue (default: the held-out prompts; with --gpt2, a few "
                     "English sentences)")
     ap.add_argument("--k", type=draft_length, default=4, help="draft length, or auto: chosen before every step, "
-                    f"up to {minispec.AUTO_K_MAX} (lookahead: {AUTO_K_SWEEP}), from the acceptance and the costs "
-                    "measured so far")
+                    f"up to {minispec.AUTO_K_MAX} (lookahead: {minispec.AUTO_K_SWEEP}), from the acceptance and "
+                    "the costs measured so far")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     ap.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens only")

@@ -22,11 +22,12 @@ The layers, each importing only from those below it:
 from .adaptive import Adaptive
 from .checkpoint import load_target as load
 from .cudagraph import StaticForwards
-from .drafters import AUTO_K_MAX, METHODS, make_drafter
+from .drafters import AUTO_K_MAX, AUTO_K_SWEEP, METHODS, make_drafter
 from .errors import MinispecError
 from .gpt2 import load_gpt2
 from .model import GPT, GPTConfig
 from .speculative import Draft, Drafter, Result, Sampling, Stats, Step, generate, step
 
-__all__ = ["Adaptive", "load", "load_gpt2", "generate", "step", "make_drafter", "METHODS", "AUTO_K_MAX", "GPT",
-           "GPTConfig", "Draft", "Drafter", "Sampling", "Step", "Stats", "Result", "StaticForwards", "MinispecError"]
+__all__ = ["Adaptive", "load", "load_gpt2", "generate", "step", "make_drafter", "METHODS", "AUTO_K_MAX",
+           "AUTO_K_SWEEP", "GPT", "GPTConfig", "Draft", "Drafter", "Sampling", "Step", "Stats", "Result",
+           "StaticForwards", "MinispecError"]

@@ -24,13 +24,14 @@ The heads. Head i maps (h, e) to h + W_i [h; e] + b_i and then through the targe
 frozen) vocabulary projection, where e holds the embeddings of the newest N_TOKENS tokens:
 x_{t+1} (the target's own choice after h_t, known when the heads run) and the 4 before it. W_i
 starts at zero, so every head starts as the LM head. All k heads are ONE batched matmul, a
-fraction of a one-token target forward (greedy decoding runs only the heads its tree reads). Why this form, measured by tau while building it: the
-target's greedy text falls into loops ("tititi", "_CUT_CUT"), and a LINEAR head that sees the
-newest tokens can copy a token it sees, which generalises to tokens it rarely trained on; Medusa's
-h + SiLU(W h) block (the SiLU zeroes half its inputs), a head that reads h alone and a two-layer
-head all accepted fewer drafts, and the tensor2tensor form (one shared feed-forward layer of width
-k*4C, three times the target's size) cost more per proposal than the forward it saves. More
-distinct greedy continuations to learn from raised tau more than more steps on the same ones.
+fraction of a one-token target forward (greedy decoding runs only the heads its tree reads). Why
+this form, measured by tau while building it: the target's greedy text falls into loops
+("tititi", "_CUT_CUT"), and a LINEAR head that sees the newest tokens can copy a token it sees,
+which generalises to tokens it rarely trained on; Medusa's h + SiLU(W h) block (the SiLU zeroes
+half its inputs), a head that reads h alone and a two-layer head all accepted fewer drafts, and
+the tensor2tensor form (one shared feed-forward layer of width k*4C, three times the target's
+size) cost more per proposal than the forward it saves. More distinct greedy continuations to
+learn from raised tau more than more steps on the same ones.
 
 The tree (greedy decoding). A head's second or third choice is often right when its first is
 not, so instead of one chain the drafter proposes a small tree of the heads' top choices and
