@@ -94,6 +94,22 @@ def test_adaptive_exit_drafts_fewer_and_steers_gamma():
     assert drafter.gamma == pytest.approx(0.6)
 
 
+@torch.no_grad()
+def test_gamma_falls_only_where_the_exit_cut_the_draft_short():
+    """All accepted, fewer drafts than k: where the exit stopped drafting, gamma falls (go further);
+    where the room (the end of the text, or `--k auto`'s depth) asked for fewer, it stays."""
+    model = random_gpt(vocab_size=11, n_layer=3)  # near-uniform: the draft is never sure
+    for gamma0, room, gamma_after in ((0.5, 4, 0.4), (0.05, 2, 0.05), (0.5, 1, 0.5)):
+        drafter = LayerSkip(model, [(2, "mlp")], k=4, gamma=gamma0, target_accept=0.8, gamma_step=0.1)
+        drafter.start([1, 2], KVCache.for_model(model))
+        draft = drafter.propose([1, 2], room, Sampling())
+        n = len(draft.tokens)
+        assert n == (1 if gamma0 == 0.5 else room)  # a top-1 above 1/11 is never below 0.05: it drafts all
+        drafter.observe(speculative.Step(1, torch.cat([torch.tensor([2]), draft.tokens]), list(range(n + 1)),
+                                         None, None, [4] * (n + 1)))  # every draft accepted
+        assert drafter.gamma == pytest.approx(gamma_after)
+
+
 def test_dropout_rates_and_loss_reduce_to_plain_training():
     rates = dropout_rates(6, 0.2)
     assert rates[0] == 0 and rates[-1] == pytest.approx(0.2) and rates == sorted(rates)

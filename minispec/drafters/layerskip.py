@@ -92,7 +92,7 @@ class LayerSkip(Drafter):
         return self.model.head(x)[0], x
 
     def propose(self, seq, room, sampling):
-        k = min(self.k, room)
+        k = self.asked = min(self.k, room)
         self.states, self.drafted = [], 0
         if k <= 0:
             return Draft.chain([])
@@ -117,7 +117,7 @@ class LayerSkip(Drafter):
             return
         if (len(step.path) - 1) / self.drafted < self.target_accept:
             self.gamma = min(self.gamma + self.gamma_step, 1.0)  # too bold: stop drafting sooner
-        elif self.drafted < self.k:
+        elif self.drafted < self.asked:  # not where the room or `--k auto` asked for less
             self.gamma = max(self.gamma - self.gamma_step, 0.0)  # cut short, yet all good: go further
 
 
