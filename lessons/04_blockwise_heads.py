@@ -21,18 +21,20 @@ from common import decode_prompts, label, lesson, prompts, run, section, show_ma
 from minispec import generate, make_drafter, masks
 from minispec.drafters.blockwise import head_overlap
 from minispec.train import SAMPLE_T, continuations
-from minispec.verify import overlap
+from minispec.verify import best_overlap, overlap
 
-BRANCHES = 32  # the likeliest tokens summed over for the marginal
+BRANCHES = 32  # the likeliest values of token t+1 summed over
 
 
 def parallel_ceiling(model, seqs, positions, temperature=SAMPLE_T):
-    """The best acceptance a sampled draft of token t+2 can have when it is drawn WITHOUT knowing
-    token t+1 (a head further ahead, an [M] after the first): its q can at best be the marginal
-    m(y) = sum_x p(x | prefix) p(y | prefix, x), and a draft from m is accepted with probability
-    sum_y min(p(y | prefix, x), m(y)) given the x verification accepted. Averaged over x ~ p (its
-    BRANCHES likeliest values, renormalised) at the given positions of the sequences (N, T)."""
-    total = []
+    """How often a sampled draft of token t+2 can be accepted when it is drawn WITHOUT knowing
+    token t+1 (a head further ahead, an [M] after the first). Verification accepts x_(t+1) = x
+    with probability p(x | prefix); a draft drawn from the same q whatever x is then passes with
+    probability overlap(p(. | prefix, x), q). Averaged over x (its BRANCHES likeliest values,
+    renormalised) and over the given positions of the sequences (N, T), for two q: the marginal
+    m(y) = sum_x p(x | prefix) p(y | prefix, x), which cross-entropy training leads to, and the
+    best q for acceptance (verify.best_overlap). Returns (marginal's, best's)."""
+    marginal, best = [], []
     for x in seqs:
         for t in positions:
             logits = model(x[None, :t + 1], torch.arange(t + 1), masks.causal(t + 1))[0][0, -1]
@@ -40,9 +42,9 @@ def parallel_ceiling(model, seqs, positions, temperature=SAMPLE_T):
             w = w / w.sum()
             branch = torch.cat([x[:t + 1].expand(BRANCHES, -1), nxt[:, None]], 1)  # (B, t + 2)
             p = torch.softmax(model(branch, torch.arange(t + 2), masks.causal(t + 2))[0][:, -1] / temperature, -1)
-            marginal = (w[:, None] * p).sum(0)  # (V,)
-            total.append(float((w * overlap(p, marginal)).sum()))
-    return sum(total) / len(total)
+            marginal.append(float((w * overlap(p, w @ p)).sum()))
+            best.append(float(best_overlap(w, p)[1]))
+    return sum(marginal) / len(marginal), sum(best) / len(best)
 
 
 def main():
@@ -85,11 +87,12 @@ def main():
     T = model.config.block_size
     sampled = torch.as_tensor(continuations(model, val, 8, seed=7, temperature=SAMPLE_T, log=lambda line: None)
                               .astype(np.int64)).view(8, T + 1)[:, :T]
-    ceiling = parallel_ceiling(model, sampled, range(T // 4, T - 2, T // 16))
-    print(f"the best a draft made without knowing the token before it can do: {ceiling:.2f} (the marginal's")
-    print("overlap with p, measured by summing over that token's likeliest values). Head 1 knows x_(t+1),")
-    print("which verification gives it; heads 2.. do not, and neither do the [M]s after the first (lesson")
-    print("05). A draft model drafts one token after the other and knows them all: it is not bound by this.")
+    marginal, best = parallel_ceiling(model, sampled, range(T // 4, T - 2, T // 16))
+    print(f"a draft made without knowing the token before it is accepted at most {best:.2f} of the time (the best q),")
+    print(f"{marginal:.2f} with the marginal over that token (what cross-entropy training leads to; both summed over")
+    print("its likeliest values). Head 1 knows x_(t+1), which verification gives it; heads 2.. do not, and")
+    print("neither do the [M]s after the first (lesson 05). A draft model drafts one token after the other")
+    print("and knows them all: it is not bound by this.")
 
 
 if __name__ == "__main__":

@@ -83,6 +83,35 @@ def overlap(p, q):
     return torch.minimum(p, q).sum(-1)
 
 
+def best_overlap(w, p):
+    """The q a draft should be sampled from when it cannot know which of n situations it is in,
+    and how often a draft from it is then accepted: situation j comes with probability w_j (n,)
+    and the target's distribution p_j (rows of p, (n, V)). Returns (q (V,), sum_j w_j
+    overlap(p_j, q)), the largest that sum can be over every q.
+
+    A parallel drafter's later drafts are in this position: [M]_2 or head 2 drafts token t+2
+    without knowing which token t+1 verification will accept. Cross-entropy training leads to
+    the marginal sum_j w_j p_j, but the marginal is not the best q for acceptance: with w = (0.6,
+    0.4) and two situations each sure of another token, the marginal is accepted 0.6 * 0.6 + 0.4
+    * 0.4 = 0.52 of the time, and q on the likelier token 0.6.
+
+    How: mass that q puts on token x, at a height where it is still under p_j(x) for some
+    situations, gains the weight of those situations; above the highest p_j(x) it gains nothing.
+    So at each x the n values p_j(x) cut q(x)'s height into pieces whose gain falls from the
+    bottom up, and the best q fills the pieces of every x with the highest gain first, until it
+    holds a mass of 1."""
+    levels, order = p.sort(0, descending=True)  # (n, V): at each x, the p_j(x) from the highest down
+    gain = w[order].cumsum(0)  # (n, V): the weight of the situations whose p_j(x) >= levels[i]
+    height = levels - torch.cat([levels[1:], torch.zeros_like(levels[:1])])  # (n, V): piece i, up to levels[i]
+    gain, height = gain.flatten(), height.flatten()
+    token = torch.arange(p.size(1), device=p.device).repeat(p.size(0))  # (n V,) the x of each piece
+    first = gain.argsort(descending=True)
+    below = height[first].cumsum(0) - height[first]  # mass filled before each piece
+    filled = (1 - below).clamp(min=0).minimum(height[first])  # (n V,) mass put in each piece
+    q = torch.zeros(p.size(1), dtype=p.dtype, device=p.device).index_add_(0, token[first], filled)
+    return q, (gain[first] * filled).sum()
+
+
 def residual(p, q):
     """norm(max(0, p - q)) over the vocabulary (V,): what is sampled at a rejection. Where q is
     one-hot on the rejected draft, it is p with that token removed."""

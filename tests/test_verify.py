@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from minispec.verify import (accept_candidates, accept_greedy, accept_greedy_paths, accept_paths, accept_sampled,
-                             accept_top_beta, overlap, sample, target_probs)
+                             accept_top_beta, best_overlap, overlap, sample, target_probs)
 from tests.helpers import chi_square_p_value
 
 
@@ -154,3 +154,34 @@ def test_overlap_is_the_chance_a_sampled_draft_is_accepted():
     assert float(overlap(p, q)) == pytest.approx(float(accept))
     assert float(overlap(p, p)) == pytest.approx(1.0)
     assert float(overlap(p, torch.tensor([0.0, 0.0, 0.0, 1.0]))) == 0.0
+
+
+def test_best_overlap_beats_the_marginal_where_the_situations_disagree():
+    w, p = torch.tensor([0.6, 0.4]), torch.eye(2)  # two situations, each sure of another token
+    q, best = best_overlap(w, p)
+    assert torch.equal(q, torch.tensor([1.0, 0.0])) and float(best) == pytest.approx(0.6)
+    marginal = w @ p
+    assert float((w * overlap(p, marginal)).sum()) == pytest.approx(0.52)
+    q, best = best_overlap(torch.ones(1), p[:1].clone())  # one situation: its own distribution, always accepted
+    assert float(best) == pytest.approx(1.0)
+
+
+def test_best_overlap_is_the_best_q_on_a_grid():
+    """Against every q on a grid of the simplex over 3 tokens (steps of 0.01): its value is what
+    its q gives, no grid point does better, and it never does worse than the marginal."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.meshgrid(torch.arange(101) / 100, torch.arange(101) / 100, indexing="ij")
+    grid = torch.stack([a, b, 1 - a - b], -1).view(-1, 3).double()
+    grid = grid[grid[:, 2] >= -1e-12].clamp(min=0)  # (5151, 3)
+    for _ in range(20):
+        n = int(torch.randint(1, 5, (1,), generator=g))
+        w = torch.rand(n, generator=g, dtype=torch.float64)
+        w /= w.sum()
+        p = torch.softmax(3 * torch.randn(n, 3, generator=g, dtype=torch.float64), -1)
+        q, best = best_overlap(w, p)
+        assert float(q.sum()) == pytest.approx(1.0) and float(q.min()) >= 0
+        assert float(best) == pytest.approx(float((w * overlap(p, q)).sum()))
+        on_grid = (w * torch.minimum(p[None], grid[:, None]).sum(-1)).sum(-1)  # (5151,)
+        assert float(on_grid.max()) <= float(best) + 1e-12
+        assert float(best) <= float(on_grid.max()) + 0.02  # the grid's step, at most 2 pieces off
+        assert float(best) >= float((w * overlap(p, w @ p)).sum()) - 1e-12

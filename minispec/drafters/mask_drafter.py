@@ -60,8 +60,9 @@ holds two sets of weights, as blockwise heads do: the greedy set above, and a sa
 (teacher "sampled") trained on the target's continuations sampled at SAMPLE_T, every row against
 the target's full distribution for the token it stands for. It starts from the draft model too,
 whose q is already close to p: it needs far fewer steps than from the target's lowest layer.
-[M]_i with i > 1 drafts without knowing d_1..d_{i-1}, so the best it can match is that token's
-distribution averaged over them (lesson 04 measures how low that ceiling is). Decoding picks the
+[M]_i with i > 1 drafts without knowing d_1..d_{i-1}: one q_i must serve whichever tokens they
+turn out to be, so it is accepted less often than a draft that knows them, whatever it learns
+(verify.best_overlap gives the best such q; lesson 04 measures that ceiling). Decoding picks the
 set by the temperature.
 SpecDec's relaxed top-beta verification (`decode.py --beta 5 --margin 3`) is LOSSY: it changes
 the output.

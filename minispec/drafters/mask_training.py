@@ -155,9 +155,11 @@ def train_mask_drafter(target, train_ids, steps, batch_size, lr, teacher="greedy
         """Every row learns the target's distribution of the token it stands for, given the sampled
         text before that token: the prefix rows their next token's, [M]_i at cut r that of the
         token at r+i-1 (the distribution computed at the row before it). Averaged over the sampled
-        text, that is the marginal a draft made without the drafts before it can best match. The
-        whole distribution, computed for each batch: sampled text is where the target is unsure,
-        and its top SOFT_TOP tokens leave much of the mass out there."""
+        text, the cross-entropy is least at the marginal over the drafts before it; the q accepted
+        most often is another (verify.best_overlap), but 1 - overlap as the loss, which aims at
+        it, did no better in decoding (see the README). The whole distribution, computed for each
+        batch: sampled text is where the target is unsure, and its top SOFT_TOP tokens leave much
+        of the mass out there."""
         x = seqs[torch.randint(len(seqs), (batch_size,), generator=generator).to(device)]  # (B, T)
         f, logits = target_outputs(target, x)  # (B, T, C), (B, T, V)
         start = int(torch.randint(T - W + 1, (1,), generator=generator))
