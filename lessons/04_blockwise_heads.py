@@ -28,12 +28,13 @@ BRANCHES = 32  # the likeliest values of token t+1 summed over
 
 def parallel_ceiling(model, seqs, positions, temperature=SAMPLE_T):
     """How often a sampled draft of token t+2 can be accepted when it is drawn WITHOUT knowing
-    token t+1 (a head further ahead, an [M] after the first). Verification accepts x_(t+1) = x
-    with probability p(x | prefix); a draft drawn from the same q whatever x is then passes with
-    probability overlap(p(. | prefix, x), q). Averaged over x (its BRANCHES likeliest values,
-    renormalised) and over the given positions of the sequences (N, T), for two q: the marginal
-    m(y) = sum_x p(x | prefix) p(y | prefix, x), which cross-entropy training leads to, and the
-    best q for acceptance (verify.best_overlap). Returns (marginal's, best's)."""
+    token t+1 (a head further ahead, an [M] after the first). Token t+1 is x with probability
+    p(x | prefix) when it is the target's own (behind a drafted d_1 it follows min(p, q_1)
+    instead); a draft drawn from the same q whatever x is then passes with probability
+    overlap(p(. | prefix, x), q). Averaged over x (its BRANCHES likeliest values, renormalised,
+    so an estimate) and over the given positions of the sequences (N, T), for two q: the
+    marginal m(y) = sum_x p(x | prefix) p(y | prefix, x), which cross-entropy training leads to,
+    and the best q for acceptance (verify.best_overlap). Returns (marginal's, best's)."""
     marginal, best = [], []
     for x in seqs:
         for t in positions:
@@ -88,11 +89,11 @@ def main():
     sampled = torch.as_tensor(continuations(model, val, 8, seed=7, temperature=SAMPLE_T, log=lambda line: None)
                               .astype(np.int64)).view(8, T + 1)[:, :T]
     marginal, best = parallel_ceiling(model, sampled, range(T // 4, T - 2, T // 16))
-    print(f"a draft made without knowing the token before it is accepted at most {best:.2f} of the time (the best q),")
-    print(f"{marginal:.2f} with the marginal over that token (what cross-entropy training leads to; both summed over")
-    print("its likeliest values). Head 1 knows x_(t+1), which verification gives it; heads 2.. do not, and")
-    print("neither do the [M]s after the first (lesson 05). A draft model drafts one token after the other")
-    print("and knows them all: it is not bound by this.")
+    print(f"a draft made without knowing the token before it is accepted at most about {best:.2f} of the time")
+    print(f"(the best q), {marginal:.2f} with the marginal over that token (what cross-entropy training leads to;")
+    print("both summed over its likeliest values). Head 1 knows x_(t+1), which verification gives it; heads")
+    print("2.. do not, and neither do the [M]s after the first (lesson 05). A draft model drafts one token")
+    print("after the other and knows them all: it is not bound by this.")
 
 
 if __name__ == "__main__":

@@ -86,8 +86,8 @@ def overlap(p, q):
 def best_overlap(w, p):
     """The q a draft should be sampled from when it cannot know which of n situations it is in,
     and how often a draft from it is then accepted: situation j comes with probability w_j (n,)
-    and the target's distribution p_j (rows of p, (n, V)). Returns (q (V,), sum_j w_j
-    overlap(p_j, q)), the largest that sum can be over every q.
+    and the target's distribution p_j (rows of p, (n, V), each summing to 1; w >= 0). Returns
+    (q (V,), sum_j w_j overlap(p_j, q)), the largest that sum can be over every q.
 
     A parallel drafter's later drafts are in this position: [M]_2 or head 2 drafts token t+2
     without knowing which token t+1 verification will accept. Cross-entropy training leads to
@@ -97,9 +97,11 @@ def best_overlap(w, p):
 
     How: mass that q puts on token x, at a height where it is still under p_j(x) for some
     situations, gains the weight of those situations; above the highest p_j(x) it gains nothing.
-    So at each x the n values p_j(x) cut q(x)'s height into pieces whose gain falls from the
-    bottom up, and the best q fills the pieces of every x with the highest gain first, until it
-    holds a mass of 1."""
+    So at each x the n values p_j(x) cut q(x)'s height into pieces, each with a gain per unit of
+    mass, falling from the bottom piece up. Choosing where q's mass of 1 goes is then a
+    fractional knapsack: filling the pieces of every x in order of their gain, highest first, is
+    optimal, and it fills each x from the bottom up, as it must. The pieces reach a height of
+    sum_x max_j p_j(x) >= 1, so the mass always fits."""
     levels, order = p.sort(0, descending=True)  # (n, V): at each x, the p_j(x) from the highest down
     gain = w[order].cumsum(0)  # (n, V): the weight of the situations whose p_j(x) >= levels[i]
     height = levels - torch.cat([levels[1:], torch.zeros_like(levels[:1])])  # (n, V): piece i, up to levels[i]

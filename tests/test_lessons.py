@@ -24,8 +24,8 @@ KEY_LINES = {  # lesson number -> patterns its output must match
     "03": [r"tokens identical to plain greedy decoding: True", r"noise floor", r"tau \d+\.\d+, alpha"],
     "04": [r"acceptance as k grows", r"^ *6 +\d+\.\d+ +\d+\.\d+ +True", r"no other model forward",
            r"sampling set: 1 - TV\(p, q\) per head .*\d\.\d\d$",
-           r"without knowing the token before it is accepted at most \d\.\d\d of the time \(the best q\)",
-           r"^\d\.\d\d with the marginal over that token"],
+           r"without knowing the token before it is accepted at most about \d\.\d\d of the time$",
+           r"^\(the best q\), \d\.\d\d with the marginal over that token"],
     "05": [r"^mask +1 .* True", r"^blockwise .* True", r"^draft_model .* True",
            r"sampling set: 1 - TV\(p, q\) per \[M\] .*\d\.\d\d$"],
     "06": [r"the fixed point equals greedy decoding: True", r"^lookahead .* True", r"lookahead pool holds \d+",
@@ -64,8 +64,8 @@ def test_lesson_runs(path, tiny_ckpt):
     if path.name.startswith("01"):
         assert float(re.search(r"logit difference\| over \d+ steps = (\S+)", out).group(1)) < 1e-4
     if path.name.startswith("04"):  # the best q is accepted at least as often as the marginal
-        best = float(re.search(r"accepted at most (\d\.\d\d) of the time \(the best q\)", out).group(1))
-        assert best >= float(re.search(r"^(\d\.\d\d) with the marginal", out, re.M).group(1))
+        best = float(re.search(r"accepted at most about (\d\.\d\d) of the time$", out, re.M).group(1))
+        assert best >= float(re.search(r"^\(the best q\), (\d\.\d\d) with the marginal", out, re.M).group(1))
     if path.name.startswith("11"):  # a drafter that is never right ends up taking autoregressive steps
         nothing, steps = map(int, re.search(r"never right: (\d+) of (\d+) steps", out).groups())
         assert nothing > 0.8 * steps

@@ -61,9 +61,9 @@ holds two sets of weights, as blockwise heads do: the greedy set above, and a sa
 the target's full distribution for the token it stands for. It starts from the draft model too,
 whose q is already close to p: it needs far fewer steps than from the target's lowest layer.
 [M]_i with i > 1 drafts without knowing d_1..d_{i-1}: one q_i must serve whichever tokens they
-turn out to be, so it is accepted less often than a draft that knows them, whatever it learns
-(verify.best_overlap gives the best such q; lesson 04 measures that ceiling). Decoding picks the
-set by the temperature.
+turn out to be, so its acceptance is capped by that of the best single q for all of them
+(verify.best_overlap), a cap that a draft knowing them does not have (lesson 04 measures it).
+Decoding picks the set by the temperature.
 SpecDec's relaxed top-beta verification (`decode.py --beta 5 --margin 3`) is LOSSY: it changes
 the output.
 """

@@ -155,9 +155,10 @@ def train_mask_drafter(target, train_ids, steps, batch_size, lr, teacher="greedy
         """Every row learns the target's distribution of the token it stands for, given the sampled
         text before that token: the prefix rows their next token's, [M]_i at cut r that of the
         token at r+i-1 (the distribution computed at the row before it). Averaged over the sampled
-        text, the cross-entropy is least at the marginal over the drafts before it; the q accepted
-        most often is another (verify.best_overlap), but 1 - overlap as the loss, which aims at
-        it, did no better in decoding (see the README). The whole distribution, computed for each
+        text, and so over the tokens between the cut and that token, which [M]_i does not see,
+        the cross-entropy is least at their marginal; the q accepted most often is another
+        (verify.best_overlap), but 1 - overlap as the loss, which aims at it, did no better in
+        decoding (README, "Training toward the best q"). The whole distribution, computed for each
         batch: sampled text is where the target is unsure, and its top SOFT_TOP tokens leave much
         of the mass out there."""
         x = seqs[torch.randint(len(seqs), (batch_size,), generator=generator).to(device)]  # (B, T)
